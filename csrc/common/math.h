@@ -1,0 +1,134 @@
+// Scalar maths shared by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).
+//
+// Everything here is branch-free so that, on the CPU, GCC/Clang auto-vectorise the loops
+// that call it (the ternaries become blends), and on the GPU each thread runs it as is.
+// CPU tests therefore exercise the exact per-element maths the CUDA kernels use.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define THR_HD __host__ __device__ __forceinline__
+#else
+#define THR_HD inline __attribute__((always_inline))
+#endif
+
+namespace thr {
+
+// dtype codes shared with python/thresher/ops/_native.py (DTYPE_CODES).
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+THR_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  return __builtin_bit_cast(float, u);  // (memcpy here stops GCC vectorising callers)
+#endif
+}
+
+THR_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  return __builtin_bit_cast(uint32_t, f);
+#endif
+}
+
+// bfloat16 <-> float. bf16 is the top half of a float; rounding is to nearest-even, NaN kept
+// quiet (the +0x7fff trick would otherwise carry a NaN's payload into the exponent).
+THR_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+THR_HD uint16_t float_to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return static_cast<uint16_t>(is_nan ? ((u >> 16) | 0x40u) : rounded);
+}
+
+// IEEE half <-> float without F16C: shift the exponent/mantissa into place and let a float
+// multiply by 2^112 re-bias the exponent (it also turns half subnormals into the right
+// float normals); Inf/NaN get their all-ones exponent back explicitly.
+THR_HD float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t em = h & 0x7fffu;
+  float mag = bits_to_float(em << 13) * 5.192296858534828e+33f;  // 2^112
+  uint32_t bits = float_to_bits(mag) | (em >= 0x7c00u ? 0x7f800000u : 0u);
+  return bits_to_float(bits | sign);
+}
+
+THR_HD uint16_t float_to_half(float f) {
+  // Round-to-nearest-even conversion (after the well-known branch-free construction:
+  // subnormals by adding a magic float, normals by re-biasing and rounding the mantissa).
+  uint32_t u = float_to_bits(f);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  uint32_t out;
+  if (a >= 0x47800000u) {                    // |f| >= 65536 (overflow) or Inf/NaN
+    out = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (a < 0x38800000u) {              // |f| < 2^-14: half subnormal or zero
+    float mag = bits_to_float(a) + 0.5f;     // 0.5 = 2^-1: aligns mantissa to 2^-24 steps
+    out = float_to_bits(mag) - 0x3f000000u;  // subtract the magic's bits
+  } else {
+    uint32_t mant_odd = (a >> 13) & 1u;
+    a += 0xc8000fffu + mant_odd;             // re-bias exponent (-112<<23) and round
+    out = a >> 13;
+  }
+  return static_cast<uint16_t>(out | sign);
+}
+
+// exp(x) for float, ~2 ulp on [-87, 88]; below -87 returns ~1.6e-38 (not 0): harmless where
+// it is used (softmax terms are multiplied by O(1) coefficients and summed with O(1) terms).
+// Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 minimax-like polynomial,
+// 2^n by writing the exponent bits. Branch-free, so loops calling it vectorise on the CPU.
+THR_HD float fast_expf(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  // n = round(x / ln2) by the 1.5 * 2^23 trick: adding it leaves n in the low mantissa bits
+  // of `shifted` (read back as an integer below), with no floor() call or float->int convert
+  // that would keep the compiler from vectorising.
+  const float magic = 12582912.0f;
+  float shifted = x * 1.44269504088896341f + magic;
+  float n = shifted - magic;
+  float r = x - n * 0.693359375f;            // ln2 split in two for an exact product
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  uint32_t e = float_to_bits(shifted) - float_to_bits(magic) + 127u;  // n + bias
+  return p * bits_to_float(e << 23);
+#endif
+}
+
+// --- cross-entropy per-row algebra (ALGORITHMS/issue: weighted CE with smoothing, z-loss) ---
+//
+// With lse = logsumexp(x), label smoothing eps and z-loss coefficient zl, the per-token loss
+//   l = (1-eps)(lse - x_y) + eps (lse - mean_j x_j) + zl lse^2
+// and its gradient
+//   dl/dx_j = p_j (1 + 2 zl lse) - eps/V - (1-eps) [j == y],   p_j = exp(x_j - lse).
+
+THR_HD double ce_row_loss(double lse, double x_target, double sum_x, long vocab, double eps,
+                          double zl) {
+  return lse - (1.0 - eps) * x_target - eps * sum_x / static_cast<double>(vocab) + zl * lse * lse;
+}
+
+// Online log-sum-exp state: running max m and sum of exp(x - m).
+struct LseState {
+  float m;
+  float s;
+};
+
+THR_HD LseState lse_merge(LseState a, LseState b) {
+  float m = a.m > b.m ? a.m : b.m;
+  // exp(-inf - -inf) would be NaN when a whole prefix is -inf: guard the empty side.
+  float sa = a.s == 0.0f ? 0.0f : a.s * fast_expf(a.m - m);
+  float sb = b.s == 0.0f ? 0.0f : b.s * fast_expf(b.m - m);
+  return LseState{m, sa + sb};
+}
+
+}  // namespace thr

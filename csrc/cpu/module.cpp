@@ -1,0 +1,16 @@
+// thresher._C: one pybind11 module; each op family adds its functions here.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+void register_cross_entropy(py::module_& m);
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "thresher CPU kernels (raw-pointer interface; validation lives in thresher.ops)";
+#if defined(_OPENMP)
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+  register_cross_entropy(m);
+}

@@ -1,0 +1,92 @@
+"""The one backend-dispatch mechanism every thresher op uses.
+
+Each op declares its backends once, in preference order, as ``BackendSpec``s: the devices
+and dtypes each supports, whether it is available in this process (and why not), and any
+shape limits. ``Dispatcher.select`` then resolves ``backend="auto"`` to the first backend
+with no objection, and a named backend to itself or to a ``BackendUnavailableError`` that
+lists every reason it cannot run -- never a silent fallback.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A named backend cannot run these inputs; the message lists every reason."""
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    # Returns None when usable in this process, else why not (e.g. extension not built).
+    available: Callable[[], str | None] = lambda: None
+    # Returns None when the problem (keyword facts from the op: vocab size, ...) fits.
+    limits: Callable[..., str | None] = lambda **problem: None
+    # Devices on which "auto" may choose it (the Triton interpreter runs on CPU, but slowly:
+    # it is for tests, so auto never picks it there).
+    auto_devices: tuple[str, ...] | None = None
+    # Called when auto passes over this backend (e.g. to warn once that _C is missing).
+    on_skip: Callable[[], None] | None = field(default=None, compare=False)
+
+
+class Dispatcher:
+    def __init__(self, op: str, specs: Sequence[BackendSpec]):
+        self.op = op
+        self.specs: Mapping[str, BackendSpec] = {s.name: s for s in specs}
+
+    def reasons(self, name: str, device: torch.device, dtype: torch.dtype, **problem) -> list[str]:
+        """Every reason backend ``name`` cannot run this problem (empty list: it can)."""
+        spec = self.specs.get(name)
+        if spec is None:
+            return [f"{self.op} has no '{name}' backend (it has: {', '.join(self.specs)})"]
+        out = []
+        devices = spec.devices + (("cpu",) if name == "triton" and triton_interpreting() else ())
+        if device.type not in devices:
+            out.append(f"'{name}' runs on {'/'.join(devices)} tensors, got {device.type}")
+        if dtype not in spec.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in spec.dtypes)
+            out.append(f"'{name}' supports dtypes {names}, got {str(dtype).replace('torch.', '')}")
+        why = spec.available()
+        if why:
+            out.append(why)
+        why = spec.limits(**problem)
+        if why:
+            out.append(why)
+        return out
+
+    def select(self, backend: str, device: torch.device, dtype: torch.dtype, **problem) -> str:
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        if backend != "auto":
+            why = self.reasons(backend, device, dtype, **problem)
+            if why:
+                raise BackendUnavailableError(
+                    f"{self.op}: backend '{backend}' cannot run these inputs:\n  - "
+                    + "\n  - ".join(why)
+                )
+            return backend
+        for spec in self.specs.values():
+            auto_devices = spec.auto_devices if spec.auto_devices is not None else spec.devices
+            if device.type not in auto_devices:
+                continue
+            if not self.reasons(spec.name, device, dtype, **problem):
+                return spec.name
+            if spec.on_skip is not None:
+                spec.on_skip()
+        raise BackendUnavailableError(
+            f"{self.op}: no backend can run {dtype} tensors on {device.type}:\n  - "
+            + "\n  - ".join(r for s in self.specs for r in self.reasons(s, device, dtype, **problem))
+        )

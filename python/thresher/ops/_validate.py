@@ -1,0 +1,76 @@
+"""The one validation helper every op uses: checks that name the argument and say what was
+expected. Type problems raise TypeError, value/shape/device problems ValueError."""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+
+def _dt(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    shape: Sequence[int | None] | None = None,
+) -> torch.Tensor:
+    """Checks ``t`` is a tensor with the given rank, dtype, device and shape (None in
+    ``shape`` matches any size) and returns it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(
+                f"{name} must have {' or '.join(map(str, allowed))} dimensions, "
+                f"got shape {tuple(t.shape)}"
+            )
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise TypeError(
+                f"{name} must have dtype {' or '.join(_dt(d) for d in dtypes)}, got {_dt(t.dtype)}"
+            )
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} (like the other inputs), got {t.device}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != a for s, a in zip(shape, t.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    return t
+
+
+def check_weights(name: str, w: torch.Tensor) -> None:
+    """Weights must be finite and non-negative (one fused check, one host sync)."""
+    if w.numel() == 0:
+        return
+    bad = ~torch.isfinite(w) | (w < 0)
+    if bool(bad.any()):
+        first = w[bad].flatten()[0].item()
+        raise ValueError(f"{name} must be finite and non-negative, found {first}")
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (lo <= value <= hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """2-D view whose last dim is contiguous (kernels take a row stride); copies only when
+    the last dim is strided."""
+    if t.stride(-1) != 1 or (t.dim() == 2 and t.size(0) > 1 and t.stride(0) < t.size(1)):
+        t = t.contiguous()
+    return t

@@ -1,0 +1,629 @@
+"""Cross-entropy with per-sample and per-token weights, plain and fused with the LM head.
+
+Public API (exported from ``thresher.ops`` and ``thresher``)::
+
+    weighted_cross_entropy(logits, target, *, sample_weight=None, token_weight=None,
+        ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, backend="auto")
+    linear_weighted_cross_entropy(hidden, lm_weight, target, *, bias=None, sample_weight=None,
+        token_weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+        z_loss=0.0, chunk_size=None, backend="auto")
+
+Per token t with logits x (vocab V), lse = logsumexp(x), smoothing eps and z-loss zl::
+
+    l_t = (1 - eps) (lse - x_y) + eps (lse - mean_j x_j) + zl lse^2     (0 where ignored)
+
+(``eps`` as ``F.cross_entropy(label_smoothing=eps)``; ``zl`` as PaLM's z-loss). With the
+per-token weight ``w_t = sample_weight[b] * token_weight[b, t]`` (0 where ignored):
+
+* ``"none"``:   ``w_t l_t``, shaped like ``target``;
+* ``"sample"``: ``sample_weight[b] * sum_t tw_t l_t / sum_t tw_t`` over the sequence's
+  non-ignored tokens, shape ``(B,)`` (0 for a sequence with no such token) -- the scoring
+  primitive every selector uses; for 2-D logits each row is its own sequence;
+* ``"sum"``:    ``sum_t w_t l_t``;
+* ``"mean"``:   ``sum_t w_t l_t / sum_t w_t`` (0, not NaN, when every token is ignored).
+
+Losses are returned in float32 (float64 for float64 inputs) whatever the logits dtype.
+
+How the work is split. Every backend implements two row kernels with one contract:
+
+* ``fwd(x, target, coef | None, grad_out | None) -> (loss, lse)``: per-row loss and lse; when
+  ``coef`` is given it also writes ``coef_t * dl_t/dx`` into ``grad_out`` (which may alias
+  ``x``: the fused linear op overwrites its logits chunk with the gradient);
+* ``bwd(x, target, lse, coef, grad_out)``: the same gradient from the saved lse.
+
+For ``"sum"``/``"mean"`` the upstream gradient is a scalar, so (in eager mode) the forward
+computes the gradient in the same sweep that computes the loss -- one read of the logits and
+one write of the gradient for forward+backward -- and the backward only scales it by the
+upstream scalar (skipped when it is 1). For ``"none"``/``"sample"`` the upstream gradient is
+per row and is folded into ``coef`` of a recomputing backward. Under ``torch.compile`` the
+graph is kept functional: forward and backward are separate custom ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _native
+from ._dispatch import BackendSpec, Dispatcher
+from ._validate import check_choice, check_range, check_tensor, check_weights, rows_contiguous
+
+__all__ = [
+    "weighted_cross_entropy",
+    "linear_weighted_cross_entropy",
+    "WeightedCrossEntropyLoss",
+    "LinearWeightedCrossEntropyLoss",
+    "reference_cross_entropy_rows",
+]
+
+REDUCTIONS = ("none", "sample", "sum", "mean")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Default chunk of the fused linear op: enough rows that the (chunk, V) logits buffer is
+# about this many bytes. 128 MiB = 1024 rows at V = 32000 fp32, 256 rows at V = 128256:
+# large enough for the GEMMs to run at full speed, small next to the (N, V) it replaces.
+LINEAR_CHUNK_BYTES = 128 * 2**20
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------
+# Reference backend (plain PyTorch; the ground the other backends are tested against)
+# ----------------------------------------------------------------------------------------
+
+
+def reference_cross_entropy_rows(x, target, coef, ignore_index, eps, zl, lse=None):
+    """Reference row kernel. Returns ``(loss, lse, grad)``; ``grad`` is None unless ``coef``
+    is given. Passing ``lse`` skips its computation (the backward)."""
+    acc = _acc_dtype(x.dtype)
+    xf = x.to(acc)
+    valid = target != ignore_index
+    tgt = torch.where(valid, target, torch.zeros_like(target))
+    if lse is None:
+        lse = torch.logsumexp(xf, dim=-1) if x.size(-1) else xf.new_full((x.size(0),), -math.inf)
+        lse = torch.where(valid, lse, torch.zeros_like(lse))
+    x_t = xf.gather(1, tgt[:, None]).squeeze(1)
+    loss = lse - (1 - eps) * x_t + zl * lse * lse
+    if eps:
+        loss = loss - eps * xf.mean(-1)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    grad = None
+    if coef is not None:
+        g = torch.exp(xf - lse[:, None]) * (1 + 2 * zl * lse)[:, None] - eps / x.size(-1)
+        g.scatter_add_(1, tgt[:, None], torch.full_like(x_t, -(1 - eps))[:, None])
+        g = g * torch.where(valid, coef.to(acc), torch.zeros_like(coef, dtype=acc))[:, None]
+        grad = g.to(x.dtype)
+    return loss, lse, grad
+
+
+def _reference_fwd(x, target, coef, grad_out, ii, eps, zl):
+    loss, lse, grad = reference_cross_entropy_rows(x, target, coef, ii, eps, zl)
+    if grad is not None:
+        grad_out.copy_(grad)
+    return loss, lse
+
+
+def _reference_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
+    _, _, grad = reference_cross_entropy_rows(x, target, coef, ii, eps, zl, lse=lse)
+    grad_out.copy_(grad)
+
+
+# ----------------------------------------------------------------------------------------
+# Native backends: C++ (thresher._C), Triton (thresher.kernels), CUDA (thresher._C_cuda)
+# ----------------------------------------------------------------------------------------
+
+
+def _cpu_fwd(x, target, coef, grad_out, ii, eps, zl):
+    acc = _acc_dtype(x.dtype)
+    n, v = x.shape
+    loss = torch.empty(n, dtype=acc, device=x.device)
+    lse = torch.empty(n, dtype=acc, device=x.device)
+    if n:
+        _native.cpu_ext().ce_forward(
+            x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype], target.data_ptr(),
+            lse.data_ptr(), loss.data_ptr(), _native.ptr(grad_out if coef is not None else None),
+            grad_out.stride(0) if grad_out is not None else 0, _native.ptr(coef),
+            ii, eps, zl, _native.num_threads(),
+        )
+    return loss, lse
+
+
+def _cpu_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
+    n, v = x.shape
+    if n:
+        _native.cpu_ext().ce_backward(
+            x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype], target.data_ptr(),
+            lse.data_ptr(), coef.data_ptr(), grad_out.data_ptr(), grad_out.stride(0),
+            ii, eps, zl, _native.num_threads(),
+        )
+
+
+def _triton_module():
+    from thresher.kernels import cross_entropy as k  # imported late: TRITON_INTERPRET is read at import
+
+    return k
+
+
+def _triton_fwd(x, target, coef, grad_out, ii, eps, zl):
+    n = x.size(0)
+    loss = torch.empty(n, dtype=torch.float32, device=x.device)
+    lse = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n:
+        _triton_module().ce_forward(x, target, lse, loss, grad_out if coef is not None else None,
+                                    coef, ii, eps, zl)
+    return loss, lse
+
+
+def _triton_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
+    if x.size(0):
+        _triton_module().ce_backward(x, target, lse, coef, grad_out, ii, eps, zl)
+
+
+def _cuda_fwd(x, target, coef, grad_out, ii, eps, zl):
+    n, v = x.shape
+    loss = torch.empty(n, dtype=torch.float32, device=x.device)
+    lse = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n:
+        _native.cuda_ext().ce_forward(
+            x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype], target.data_ptr(),
+            lse.data_ptr(), loss.data_ptr(), _native.ptr(grad_out if coef is not None else None),
+            grad_out.stride(0) if grad_out is not None else 0, _native.ptr(coef),
+            ii, eps, zl, torch.cuda.current_stream(x.device).cuda_stream,
+        )
+    return loss, lse
+
+
+def _cuda_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
+    n, v = x.shape
+    if n:
+        _native.cuda_ext().ce_backward(
+            x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype], target.data_ptr(),
+            lse.data_ptr(), coef.data_ptr(), grad_out.data_ptr(), grad_out.stride(0),
+            ii, eps, zl, torch.cuda.current_stream(x.device).cuda_stream,
+        )
+
+
+def _triton_available() -> str | None:
+    try:
+        _triton_module()
+    except Exception as exc:  # noqa: BLE001
+        return f"'triton' needs the triton package ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _ext_available(name: str):
+    def check() -> str | None:
+        why = _native.missing_reason(name)
+        return f"'{'cpu' if name == '_C' else 'cuda'}' needs {why}" if why else None
+
+    return check
+
+
+def _vocab_limit(vocab: int = 1, **_) -> str | None:
+    return None if vocab < 2**31 else f"vocab size {vocab} does not fit a 32-bit index"
+
+
+_KERNELS = {
+    "reference": (_reference_fwd, _reference_bwd),
+    "cpu": (_cpu_fwd, _cpu_bwd),
+    "triton": (_triton_fwd, _triton_bwd),
+    "cuda": (_cuda_fwd, _cuda_bwd),
+}
+
+DISPATCH = Dispatcher(
+    "weighted_cross_entropy",
+    [
+        BackendSpec("triton", ("cuda",), GPU_DTYPES, _triton_available, _vocab_limit),
+        BackendSpec("cuda", ("cuda",), GPU_DTYPES, _ext_available("_C_cuda"), _vocab_limit),
+        BackendSpec("cpu", ("cpu",), FLOAT_DTYPES, _ext_available("_C"), _vocab_limit,
+                    on_skip=lambda: _native.warn_missing_once("_C")),
+        BackendSpec("reference", ("cpu", "cuda"), FLOAT_DTYPES),
+    ],
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile; fake implementations give it shapes)
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("thresher::weighted_ce_fwd", mutates_args=())
+def _ce_fwd_op(logits: Tensor, target: Tensor, grad_coef: Optional[Tensor], ignore_index: int,
+               label_smoothing: float, z_loss: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    fwd, _ = _KERNELS[backend]
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_coef is not None \
+        else logits.new_empty(0)
+    loss, lse = fwd(logits, target, grad_coef, grad if grad_coef is not None else None,
+                    ignore_index, label_smoothing, z_loss)
+    return loss, lse, grad
+
+
+@_ce_fwd_op.register_fake
+def _(logits, target, grad_coef, ignore_index, label_smoothing, z_loss, backend):
+    acc = _acc_dtype(logits.dtype)
+    n = logits.size(0)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_coef is not None \
+        else logits.new_empty(0)
+    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc), grad
+
+
+@torch.library.custom_op("thresher::weighted_ce_bwd", mutates_args=())
+def _ce_bwd_op(logits: Tensor, target: Tensor, lse: Tensor, grad_coef: Tensor, ignore_index: int,
+               label_smoothing: float, z_loss: float, backend: str) -> Tensor:
+    _, bwd = _KERNELS[backend]
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    bwd(logits, target, lse, grad_coef, grad, ignore_index, label_smoothing, z_loss)
+    return grad
+
+
+@_ce_bwd_op.register_fake
+def _(logits, target, lse, grad_coef, ignore_index, label_smoothing, z_loss, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _linear_chunks(n: int, chunk: int):
+    for s in range(0, n, chunk):
+        yield s, min(n, s + chunk)
+
+
+def _linear_logits(hidden_chunk, weight, bias):
+    z = hidden_chunk @ weight.t()
+    if bias is not None:
+        z += bias
+    return z
+
+
+def _linear_grads(z, h, weight, s, e, gh, gw, gb, needs):
+    """Accumulates the chunk's contributions, z holding dL/dlogits of rows [s, e)."""
+    if needs[0]:
+        torch.mm(z, weight, out=gh[s:e])
+    if needs[1]:
+        if gw.dtype == z.dtype:
+            gw.addmm_(z.t(), h)
+        else:  # bf16/fp16: the chunk GEMM accumulates in fp32 inside; the sum over chunks too
+            gw += (z.t() @ h).to(gw.dtype)
+    if needs[2]:
+        gb += z.sum(0, dtype=gb.dtype)
+
+
+def _linear_grad_buffers(hidden, weight, bias, needs):
+    empty = hidden.new_empty(0)
+    gh = torch.empty_like(hidden) if needs[0] else empty
+    gw = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) \
+        if needs[1] else empty
+    gb = torch.zeros(bias.shape, dtype=_acc_dtype(bias.dtype), device=bias.device) \
+        if needs[2] and bias is not None else empty
+    return gh, gw, gb
+
+
+@torch.library.custom_op("thresher::linear_weighted_ce_fwd", mutates_args=())
+def _linear_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                   grad_coef: Optional[Tensor], needs: list[bool], ignore_index: int,
+                   label_smoothing: float, z_loss: float, chunk_size: int, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Chunked over tokens: only a (chunk_size, V) logits buffer ever exists. With grad_coef
+    the kernel overwrites that buffer with dL/dlogits and two GEMMs turn it into the
+    hidden/weight gradients before the next chunk; without it (no_grad) nothing is kept."""
+    fwd, _ = _KERNELS[backend]
+    n = hidden.size(0)
+    acc = _acc_dtype(hidden.dtype)
+    loss = hidden.new_empty(n, dtype=acc)
+    lse = hidden.new_empty(n, dtype=acc)
+    gh, gw, gb = _linear_grad_buffers(hidden, weight, bias, needs) if grad_coef is not None \
+        else (hidden.new_empty(0),) * 3
+    for s, e in _linear_chunks(n, chunk_size):
+        h = hidden[s:e]
+        z = _linear_logits(h, weight, bias)
+        c = grad_coef[s:e] if grad_coef is not None else None
+        loss[s:e], lse[s:e] = fwd(z, target[s:e], c, z if c is not None else None,
+                                  ignore_index, label_smoothing, z_loss)
+        if c is not None:
+            _linear_grads(z, h, weight, s, e, gh, gw, gb, needs)
+        del z
+    return loss, lse, gh, gw, gb
+
+
+@_linear_fwd_op.register_fake
+def _(hidden, weight, bias, target, grad_coef, needs, ignore_index, label_smoothing, z_loss,
+      chunk_size, backend):
+    acc = _acc_dtype(hidden.dtype)
+    n = hidden.size(0)
+    grads = _linear_grad_buffers(hidden, weight, bias, needs) if grad_coef is not None \
+        else (hidden.new_empty(0),) * 3
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc)) + tuple(grads)
+
+
+@torch.library.custom_op("thresher::linear_weighted_ce_bwd", mutates_args=())
+def _linear_bwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                   lse: Tensor, grad_coef: Tensor, needs: list[bool], ignore_index: int,
+                   label_smoothing: float, z_loss: float, chunk_size: int, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Recomputes each logits chunk, turns it into dL/dlogits in place from the saved lse
+    (no second log-sum-exp) and accumulates the three gradients."""
+    _, bwd = _KERNELS[backend]
+    gh, gw, gb = _linear_grad_buffers(hidden, weight, bias, needs)
+    for s, e in _linear_chunks(hidden.size(0), chunk_size):
+        h = hidden[s:e]
+        z = _linear_logits(h, weight, bias)
+        bwd(z, target[s:e], lse[s:e], grad_coef[s:e], z, ignore_index, label_smoothing, z_loss)
+        _linear_grads(z, h, weight, s, e, gh, gw, gb, needs)
+        del z
+    return gh, gw, gb
+
+
+@_linear_bwd_op.register_fake
+def _(hidden, weight, bias, target, lse, grad_coef, needs, ignore_index, label_smoothing, z_loss,
+      chunk_size, backend):
+    return _linear_grad_buffers(hidden, weight, bias, needs)
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------
+
+
+def _upstream_is_one(g: Tensor) -> bool:
+    # Only on the CPU, where reading a scalar costs nothing; on a GPU it would sync, and
+    # scaling the gradient in place there is cheap next to the forward.
+    return g.device.type == "cpu" and g.numel() == 1 and float(g) == 1.0
+
+
+def _take_fused(ctx):
+    """The gradient the forward computed, handed over once: the first backward owns it
+    (and may scale it in place); a second backward (retain_graph) recomputes."""
+    fused, ctx.fused = ctx.fused, None
+    return fused
+
+
+class _WeightedCE(torch.autograd.Function):
+    """``scalar=True``: returns ``sum_t coef_t l_t`` and may fuse the gradient into the
+    forward (``fuse``); ``scalar=False``: returns the per-token losses ``l``."""
+
+    @staticmethod
+    def forward(ctx, logits, target, coef, scalar, fuse, ii, eps, zl, backend):
+        loss, lse, grad = _ce_fwd_op(logits, target, coef if fuse else None, ii, eps, zl, backend)
+        ctx.save_for_backward(logits, target, lse, coef)
+        ctx.fused = grad if fuse else None
+        ctx.cfg = (scalar, ii, eps, zl, backend)
+        return (loss * coef).sum() if scalar else loss
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, target, lse, coef = ctx.saved_tensors
+        scalar, ii, eps, zl, backend = ctx.cfg
+        fused = _take_fused(ctx)
+        if fused is not None:
+            grad = fused if _upstream_is_one(g) else fused.mul_(g.to(fused.dtype))
+        else:
+            row_coef = (coef * g if scalar else g).to(lse.dtype).contiguous()
+            grad = _ce_bwd_op(logits, target, lse, row_coef, ii, eps, zl, backend)
+        return grad, None, None, None, None, None, None, None, None
+
+
+class _LinearWeightedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, coef, scalar, fuse, ii, eps, zl, chunk, backend):
+        needs = list(ctx.needs_input_grad[:3])
+        loss, lse, gh, gw, gb = _linear_fwd_op(hidden, weight, bias, target,
+                                               coef if fuse else None, needs, ii, eps, zl,
+                                               chunk, backend)
+        ctx.save_for_backward(hidden, weight, bias, target, lse, coef)
+        ctx.fused = (gh, gw, gb) if fuse else None
+        ctx.cfg = (scalar, needs, ii, eps, zl, chunk, backend)
+        return (loss * coef).sum() if scalar else loss
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, bias, target, lse, coef = ctx.saved_tensors
+        scalar, needs, ii, eps, zl, chunk, backend = ctx.cfg
+        fused = _take_fused(ctx)
+        if fused is not None:
+            if not _upstream_is_one(g):
+                fused = tuple(t.mul_(g.to(t.dtype)) for t in fused)
+            gh, gw, gb = fused
+        else:
+            row_coef = (coef * g if scalar else g).to(lse.dtype).contiguous()
+            gh, gw, gb = _linear_bwd_op(hidden, weight, bias, target, lse, row_coef, needs,
+                                        ii, eps, zl, chunk, backend)
+        gh = gh if needs[0] else None
+        gw = gw.to(weight.dtype) if needs[1] else None
+        gb = gb.to(bias.dtype) if needs[2] and bias is not None else None
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# Validation, weights and reductions (shared by both public functions)
+# ----------------------------------------------------------------------------------------
+
+
+def _check_common(target, lead_shape, device, vocab, sample_weight, token_weight, ignore_index,
+                  reduction, label_smoothing, z_loss):
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    check_range("z_loss", z_loss, 0.0, math.inf)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_tensor("target", target, dtypes=(torch.int64, torch.int32), device=device,
+                 shape=lead_shape)
+    if vocab < 1:
+        raise ValueError(f"the vocabulary dimension must be at least 1, got {vocab}")
+    t = target.reshape(-1)
+    if t.numel():
+        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
+        if bool(bad.any()):
+            raise ValueError(
+                f"target values must be in [0, {vocab}) or equal ignore_index={ignore_index}, "
+                f"found {int(t[bad][0])}"
+            )
+    batch = lead_shape[0]
+    if sample_weight is not None:
+        check_tensor("sample_weight", sample_weight, device=device, shape=(batch,),
+                     dtypes=FLOAT_DTYPES)
+        check_weights("sample_weight", sample_weight)
+    if token_weight is not None:
+        check_tensor("token_weight", token_weight, device=device, shape=lead_shape,
+                     dtypes=FLOAT_DTYPES)
+        check_weights("token_weight", token_weight)
+
+
+def _weights(target2, sample_weight, token_weight, ignore_index, acc):
+    """Per-token weights (B, T): sample_weight[b] * token_weight[b, t], 0 where ignored.
+    Also returns the token-only weights used by the "sample" reduction."""
+    tw = (target2 != ignore_index).to(acc)
+    if token_weight is not None:
+        tw = tw * token_weight.reshape(tw.shape).to(acc)
+    w = tw if sample_weight is None else tw * sample_weight.to(acc)[:, None]
+    return w, tw
+
+
+def _run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, reduction,
+         needs_grad, acc, make_args):
+    """Applies the reduction around ``fn`` (a _WeightedCE / _LinearWeightedCE apply)."""
+    w, tw = _weights(target2, sample_weight, token_weight, ignore_index, acc)
+    if reduction in ("sum", "mean"):
+        coef = w.reshape(-1)
+        if reduction == "mean":
+            coef = coef / coef.sum().clamp_min(torch.finfo(acc).tiny)
+        fuse = needs_grad and not torch.compiler.is_compiling()
+        return fn(*make_args(coef.contiguous(), True, fuse))
+    dummy = w.new_ones(())  # unused coefficient in the per-token mode
+    loss = fn(*make_args(dummy, False, False)).reshape(tw.shape)
+    if reduction == "none":
+        return (loss * w).reshape(target_shape)
+    per_seq = (loss * tw).sum(1) / tw.sum(1).clamp_min(torch.finfo(acc).tiny)
+    return per_seq if sample_weight is None else per_seq * sample_weight.to(acc)
+
+
+def _as_2d_target(target):
+    t2 = target.reshape(-1, 1) if target.dim() == 1 else target
+    return t2, t2.reshape(-1).to(torch.int64).contiguous()
+
+
+def weighted_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    sample_weight: Tensor | None = None,
+    token_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Weighted cross-entropy of ``logits (B, T, V)`` or ``(N, V)`` against ``target`` (the
+    leading shape). See the module docstring for the weights and reductions."""
+    check_tensor("logits", logits, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    vocab = logits.size(-1)
+    _check_common(target, tuple(logits.shape[:-1]), logits.device, vocab, sample_weight,
+                  token_weight, ignore_index, reduction, label_smoothing, z_loss)
+    name = DISPATCH.select(backend, logits.device, logits.dtype, vocab=vocab)
+    x = rows_contiguous(logits.reshape(-1, vocab))
+    target2, tflat = _as_2d_target(target)
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _run(
+        _WeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
+        reduction, needs_grad, _acc_dtype(logits.dtype),
+        lambda coef, scalar, fuse: (x, tflat, coef, scalar, fuse, ignore_index,
+                                    float(label_smoothing), float(z_loss), name),
+    )
+
+
+def linear_weighted_cross_entropy(
+    hidden: Tensor,
+    lm_weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None = None,
+    sample_weight: Tensor | None = None,
+    token_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``weighted_cross_entropy(hidden @ lm_weight.T + bias, target, ...)`` without ever
+    materialising the ``(N, V)`` logits: peak extra memory is one ``(chunk_size, V)``
+    buffer (default: about 128 MiB worth of rows, see ``LINEAR_CHUNK_BYTES``) plus an fp32
+    ``lm_weight``-sized gradient accumulator. Under ``torch.no_grad()`` nothing is kept."""
+    check_tensor("hidden", hidden, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    H = hidden.size(-1)
+    check_tensor("lm_weight", lm_weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device,
+                 shape=(None, H))
+    vocab = lm_weight.size(0)
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(hidden.dtype,), device=hidden.device, shape=(vocab,))
+    _check_common(target, tuple(hidden.shape[:-1]), hidden.device, vocab, sample_weight,
+                  token_weight, ignore_index, reduction, label_smoothing, z_loss)
+    n = hidden.numel() // max(H, 1)
+    if chunk_size is None:
+        chunk_size = LINEAR_CHUNK_BYTES // max(1, vocab * hidden.element_size())
+        chunk_size = max(16, 1 << max(0, chunk_size.bit_length() - 1))
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    chunk_size = max(1, min(chunk_size, n))
+    name = DISPATCH.select(backend, hidden.device, hidden.dtype, vocab=vocab)
+    h2 = hidden.reshape(-1, H).contiguous()
+    w = lm_weight.contiguous()
+    target2, tflat = _as_2d_target(target)
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or lm_weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    return _run(
+        _LinearWeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
+        reduction, needs_grad, _acc_dtype(hidden.dtype),
+        lambda coef, scalar, fuse: (h2, w, bias, tflat, coef, scalar, fuse, ignore_index,
+                                    float(label_smoothing), float(z_loss), chunk_size, name),
+    )
+
+
+class WeightedCrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`weighted_cross_entropy` (configuration only, no parameters)."""
+
+    def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                 backend="auto"):
+        super().__init__()
+        check_choice("reduction", reduction, REDUCTIONS)
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.z_loss, self.backend = label_smoothing, z_loss, backend
+
+    def forward(self, logits, target, sample_weight=None, token_weight=None):
+        return weighted_cross_entropy(
+            logits, target, sample_weight=sample_weight, token_weight=token_weight,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"backend={self.backend!r}")
+
+
+class LinearWeightedCrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`linear_weighted_cross_entropy`; takes the LM head's weight
+    (and bias) at call time so it can sit behind any model's final hidden states."""
+
+    def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                 chunk_size=None, backend="auto"):
+        super().__init__()
+        check_choice("reduction", reduction, REDUCTIONS)
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.z_loss = label_smoothing, z_loss
+        self.chunk_size, self.backend = chunk_size, backend
+
+    def forward(self, hidden, lm_weight, target, bias=None, sample_weight=None, token_weight=None):
+        return linear_weighted_cross_entropy(
+            hidden, lm_weight, target, bias=bias, sample_weight=sample_weight,
+            token_weight=token_weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, chunk_size=self.chunk_size,
+            backend=self.backend)
+
+    def extra_repr(self):
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"chunk_size={self.chunk_size}, backend={self.backend!r}")
