@@ -102,7 +102,7 @@ class NinjaBuildExt(build_ext):
         includes = [f"-I{py_inc}", f"-I{_pybind11_include()}", f"-I{os.path.join(ROOT, 'csrc')}"]
         cxx = os.environ.get("CXX", "c++")
         cxxflags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-fopenmp",
-                    "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+                    "-fno-math-errno", "-ffp-contract=fast", "-Wall", "-Wno-unknown-pragmas"]
         if _env_flag("THRESHER_NATIVE"):
             cxxflags.append("-march=native")
         ldflags = ["-shared", "-fopenmp"]

@@ -5,7 +5,9 @@
 // CPU tests therefore exercise the exact per-element maths the CUDA kernels use.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define THR_HD __host__ __device__ __forceinline__
@@ -21,6 +23,10 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 THR_HD float bits_to_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
+#elif defined(__CUDACC__)
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
 #else
   return __builtin_bit_cast(float, u);  // (memcpy here stops GCC vectorising callers)
 #endif
@@ -29,6 +35,10 @@ THR_HD float bits_to_float(uint32_t u) {
 THR_HD uint32_t float_to_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
+#elif defined(__CUDACC__)
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
 #else
   return __builtin_bit_cast(uint32_t, f);
 #endif
@@ -76,32 +86,48 @@ THR_HD uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(out | sign);
 }
 
-// exp(x) for float, ~2 ulp on [-87, 88]; below -87 returns ~1.6e-38 (not 0): harmless where
-// it is used (softmax terms are multiplied by O(1) coefficients and summed with O(1) terms).
-// Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 minimax-like polynomial,
-// 2^n by writing the exponent bits. Branch-free, so loops calling it vectorise on the CPU.
-THR_HD float fast_expf(float x) {
-#if defined(__CUDA_ARCH__)
-  return __expf(x);
-#else
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+// exp(x) in float, <= 2 ulp on [-87, 88]; below -87 returns ~1.6e-38 (not 0): harmless where
+// it is used (softmax terms are scaled by O(1) coefficients and summed with O(1) terms).
+// Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, the Cephes degree-6 polynomial for
+// exp(r), and 2^n written straight into the exponent bits.
+// F is float or a GCC vector of floats and U the matching unsigned type: the CPU kernels
+// call it on 8-wide vectors (AVX2 in the x86-64-v3 clone, 2x SSE otherwise), which is the
+// same arithmetic as the scalar call. Branch-free on purpose.
+#if !defined(__CUDACC__)
+template <typename To, typename From>
+inline __attribute__((always_inline)) To bitcast(From f) { return __builtin_bit_cast(To, f); }
+
+template <typename F, typename U>
+inline __attribute__((always_inline)) F exp_poly(F x) {
+  const F lo = F{} - 87.0f, hi = F{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
   // n = round(x / ln2) by the 1.5 * 2^23 trick: adding it leaves n in the low mantissa bits
-  // of `shifted` (read back as an integer below), with no floor() call or float->int convert
-  // that would keep the compiler from vectorising.
-  const float magic = 12582912.0f;
-  float shifted = x * 1.44269504088896341f + magic;
-  float n = shifted - magic;
-  float r = x - n * 0.693359375f;            // ln2 split in two for an exact product
+  // of `shifted` (read back as an integer below), with no floor() call or float->int convert.
+  const F magic = F{} + 12582912.0f;
+  F shifted = x * 1.44269504088896341f + magic;
+  F n = shifted - magic;
+  F r = x - n * 0.693359375f;  // ln2 split in two so n * C1 is exact
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  F p = F{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  uint32_t e = float_to_bits(shifted) - float_to_bits(magic) + 127u;  // n + bias
-  return p * bits_to_float(e << 23);
+  U e = bitcast<U>(shifted) - bitcast<U>(magic) + 127u;  // n + exponent bias
+  return p * bitcast<F>(e << 23);
+}
+#endif
+
+THR_HD float fast_expf(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#elif defined(__CUDACC__)
+  return expf(x);  // host side of a .cu translation unit: never on a hot path
+#else
+  return exp_poly<float, uint32_t>(x);
 #endif
 }
 

@@ -24,6 +24,10 @@
 #include <stdexcept>
 #include <type_traits>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "common/math.h"
 
 namespace py = pybind11;
@@ -36,222 +40,302 @@ namespace {
 #define THR_CLONES
 #endif
 
-constexpr long BLOCK = 2048;
+// Everything below is force-inlined into the ISA-cloned row functions, so that each clone
+// gets its own AVX2 / baseline copy (a non-inlined helper would only exist in baseline form).
+#define THR_AI inline __attribute__((always_inline))
+
+constexpr long BLOCK = 2048;  // floats per online-lse block: 8 KiB, stays in L1 for its two sweeps
 
 struct bf16_t { uint16_t v; };
 struct f16_t { uint16_t v; };
 
-THR_HD float to_acc(float x) { return x; }
-THR_HD double to_acc(double x) { return x; }
-THR_HD float to_acc(bf16_t x) { return thr::bf16_to_float(x.v); }
-THR_HD float to_acc(f16_t x) { return thr::half_to_float(x.v); }
+// 8-wide float vectors (GCC/Clang vector extensions): one AVX2 register in the x86-64-v3
+// clone, two SSE registers in the baseline clone. Explicit vectors instead of relying on the
+// auto-vectoriser, which gives up on the exp polynomial inside a reduction.
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+constexpr long W = 8;
 
-template <typename T> THR_HD T from_acc(float x);
-template <> THR_HD float from_acc<float>(float x) { return x; }
-template <> THR_HD bf16_t from_acc<bf16_t>(float x) { return bf16_t{thr::float_to_bf16(x)}; }
-template <> THR_HD f16_t from_acc<f16_t>(float x) { return f16_t{thr::float_to_half(x)}; }
+THR_AI float to_acc(float x) { return x; }
+THR_AI double to_acc(double x) { return x; }
+THR_AI float to_acc(bf16_t x) { return thr::bf16_to_float(x.v); }
+THR_AI float to_acc(f16_t x) { return thr::half_to_float(x.v); }
+THR_AI void store1(float* p, float v) { *p = v; }
+THR_AI void store1(double* p, double v) { *p = v; }
+THR_AI void store1(bf16_t* p, float v) { p->v = thr::float_to_bf16(v); }
+THR_AI void store1(f16_t* p, float v) { p->v = thr::float_to_half(v); }
 
-THR_HD float exp_acc(float x) { return thr::fast_expf(x); }
-THR_HD double exp_acc(double x) { return std::exp(x); }
+THR_AI v8f load8(const float* p) { v8f v; __builtin_memcpy(&v, p, sizeof v); return v; }
+THR_AI v8f load8(const bf16_t* p) {
+  v8h h;
+  __builtin_memcpy(&h, p, sizeof h);
+  return thr::bitcast<v8f>(__builtin_convertvector(h, v8u) << 16);
+}
+THR_AI v8f load8(const f16_t* p) {  // vector form of thr::half_to_float
+  v8h h16;
+  __builtin_memcpy(&h16, p, sizeof h16);
+  v8u h = __builtin_convertvector(h16, v8u);
+  v8u sign = (h & 0x8000u) << 16;
+  v8u em = h & 0x7fffu;
+  v8f mag = thr::bitcast<v8f>(em << 13) * 5.192296858534828e+33f;  // 2^112
+  v8u infnan = (v8u)(em >= 0x7c00u) & 0x7f800000u;                   // mask -1/0
+  return thr::bitcast<v8f>(thr::bitcast<v8u>(mag) | infnan | sign);
+}
+THR_AI void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof v); }
+THR_AI void store8(bf16_t* p, v8f v) {  // vector form of thr::float_to_bf16 (RNE, NaN kept)
+  v8u u = thr::bitcast<v8u>(v);
+  v8u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  v8u nan = (v8u)((u & 0x7fffffffu) > 0x7f800000u);
+  v8u out = (nan & ((u >> 16) | 0x40u)) | (~nan & rounded);
+  v8h h = __builtin_convertvector(out, v8h);
+  __builtin_memcpy(p, &h, sizeof h);
+}
+THR_AI void store8(f16_t* p, v8f v) {  // fp16 is rare on CPUs: lane by lane
+  for (int i = 0; i < 8; ++i) p[i].v = thr::float_to_half(v[i]);
+}
+THR_AI v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
+THR_AI float hmax(v8f v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+THR_AI float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+THR_AI v8f vexp(v8f x) { return thr::exp_poly<v8f, v8u>(x); }
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Pass 1 for float/bf16/fp16 rows: returns lse; sum of x into *sum_x when want_sum_x.
+template <typename T>
+THR_AI float row_lse(const T* row, long V, bool want_sum_x, double* sum_x) {
+  float run_m = kNegInf, run_s = 0.0f;
+  double sx_total = 0.0;
+  for (long j0 = 0; j0 < V; j0 += BLOCK) {
+    const long n = std::min(BLOCK, V - j0), nv = n - n % W;
+    const T* x = row + j0;
+    v8f vm = v8f{} + kNegInf;
+    for (long j = 0; j < nv; j += W) vm = vmax(vm, load8(x + j));
+    float m = hmax(vm);
+    for (long j = nv; j < n; ++j) m = std::max(m, to_acc(x[j]));
+    if (want_sum_x) {
+      v8f vx = v8f{};
+      for (long j = 0; j < nv; j += W) vx += load8(x + j);
+      float sx = hsum(vx);
+      for (long j = nv; j < n; ++j) sx += to_acc(x[j]);
+      sx_total += sx;
+    }
+    if (m == kNegInf) continue;  // an all -inf block adds nothing (and exp(-inf - -inf) is NaN)
+    v8f vs = v8f{};
+    for (long j = 0; j < nv; j += W) vs += vexp(load8(x + j) - m);
+    float s = hsum(vs);
+    for (long j = nv; j < n; ++j) s += thr::fast_expf(to_acc(x[j]) - m);
+    if (m > run_m) {
+      run_s = run_s * thr::fast_expf(run_m - m) + s;  // run_s == 0 while run_m == -inf
+      run_m = m;
+    } else {
+      run_s += s * thr::fast_expf(m - run_m);
+    }
+  }
+  *sum_x = sx_total;
+  return run_m + std::log(run_s);
+}
+
+// float64 rows (gradcheck and ground-truth use; exactness over speed): scalar std::exp.
+THR_AI double row_lse(const double* row, long V, bool want_sum_x, double* sum_x) {
+  double m = -std::numeric_limits<double>::infinity(), s = 0.0, sx = 0.0;
+  for (long j = 0; j < V; ++j) m = std::max(m, row[j]);
+  if (want_sum_x)
+    for (long j = 0; j < V; ++j) sx += row[j];
+  *sum_x = sx;
+  if (m == -std::numeric_limits<double>::infinity()) return m;
+  for (long j = 0; j < V; ++j) s += std::exp(row[j] - m);
+  return m + std::log(s);
+}
+
+// Streaming (non-temporal) stores for gradients far larger than the caches: a normal store
+// first reads the line it writes (read-for-ownership), so writing the (N, V) gradient would
+// cost a hidden extra read of N*V*elem bytes. SSE2 is in every x86-64, so both ISA clones
+// have it. Not used when grad aliases the logits (the fused linear op): there the gradient
+// is consumed straight from cache by the next GEMM.
+#if defined(__SSE2__)
+THR_AI void stream8(float* p, v8f v) {
+  __m128 a, b;
+  __builtin_memcpy(&a, &v, 16);
+  __builtin_memcpy(&b, reinterpret_cast<const char*>(&v) + 16, 16);
+  _mm_stream_ps(p, a);
+  _mm_stream_ps(p + 4, b);
+}
+template <typename H>  // bf16_t / f16_t: eight 16-bit values = one 16-byte store
+THR_AI void stream8(H* p, v8f v) {
+  H tmp[8];
+  store8(tmp, v);
+  __m128i h;
+  __builtin_memcpy(&h, tmp, 16);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
+}
+constexpr bool kCanStream = true;
+#else
+template <typename T> THR_AI void stream8(T* p, v8f v) { store8(p, v); }
+constexpr bool kCanStream = false;
+#endif
+
+// Pass 2: g_j = coef (p_j (1 + 2 zl lse) - eps/V), minus coef (1 - eps) at the target.
+// The target's term is folded into the vector that holds it, so the row is written exactly
+// once, front to back; with grad aliasing row, each vector is loaded before it is stored.
+template <typename T>
+THR_AI void row_grad(const T* row, T* grad, long V, long target, float lse, float coef, float eps,
+                     float zl, bool stream) {
+  const float scale_p = coef * (1.0f + 2.0f * zl * lse);
+  const float smooth = coef * eps / static_cast<float>(V);
+  const float onehot = coef * (1.0f - eps);
+  auto scalar = [&](long j) __attribute__((always_inline)) {
+    float v = thr::fast_expf(to_acc(row[j]) - lse) * scale_p - smooth;
+    store1(grad + j, j == target ? v - onehot : v);
+  };
+  auto vec = [&](long j) __attribute__((always_inline)) {
+    v8f v = vexp(load8(row + j) - lse) * scale_p - smooth;
+    if (target >= j && target < j + W) v[target - j] -= onehot;
+    return v;
+  };
+  long j = 0;
+  if (stream) {
+    while (j < V && (reinterpret_cast<uintptr_t>(grad + j) & 15)) scalar(j++);
+    for (; j + W <= V; j += W) stream8(grad + j, vec(j));
+#if defined(__SSE2__)
+    _mm_sfence();  // streamed lines are visible before the row is reported done
+#endif
+  } else {
+    for (; j + W <= V; j += W) store8(grad + j, vec(j));
+  }
+  for (; j < V; ++j) scalar(j);
+}
+
+THR_AI void row_grad(const double* row, double* grad, long V, long target, double lse, double coef,
+                     double eps, double zl, bool) {
+  const double scale_p = coef * (1.0 + 2.0 * zl * lse);
+  const double smooth = coef * eps / static_cast<double>(V);
+  const double x_t = row[target];
+  for (long j = 0; j < V; ++j) grad[j] = std::exp(row[j] - lse) * scale_p - smooth;
+  grad[target] = std::exp(x_t - lse) * scale_p - smooth - coef * (1.0 - eps);
+}
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-// Converts block [j0, j0+n) of the row to the accumulation type. For float/double the row
-// itself is returned (no copy).
-template <typename T, typename A>
-THR_HD const A* block_view(const T* row, long j0, long n, A* scratch) {
-  if constexpr (std::is_same<T, A>::value) {
-    (void)n; (void)scratch;
-    return row + j0;
-  } else {
-#pragma omp simd
-    for (long j = 0; j < n; ++j) scratch[j] = to_acc(row[j0 + j]);
-    return scratch;
-  }
-}
-
-// Pass 1: returns lse, and sum_x when want_sum_x.
+// Everything one kernel call needs, passed to the per-row functions by pointer.
 template <typename T>
-THR_HD typename AccOf<T>::type row_lse(const T* row, long V, bool want_sum_x, double* sum_x_out) {
+struct Rows {
   using A = typename AccOf<T>::type;
-  alignas(64) A scratch[BLOCK];
-  A run_m = -std::numeric_limits<A>::infinity();
-  A run_s = 0;
-  double sum_x = 0.0;
-  for (long j0 = 0; j0 < V; j0 += BLOCK) {
-    long n = std::min(BLOCK, V - j0);
-    const A* x = block_view<T, A>(row, j0, n, scratch);
-    A m = -std::numeric_limits<A>::infinity();
-#pragma omp simd reduction(max : m)
-    for (long j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-    if (m == -std::numeric_limits<A>::infinity()) continue;  // block adds exp(-inf) = 0
-    A s = 0;
-#pragma omp simd reduction(+ : s)
-    for (long j = 0; j < n; ++j) s += exp_acc(x[j] - m);
-    if (want_sum_x) {
-      A sx = 0;
-#pragma omp simd reduction(+ : sx)
-      for (long j = 0; j < n; ++j) sx += x[j];
-      sum_x += static_cast<double>(sx);
-    }
-    if (m > run_m) {
-      run_s = run_s * exp_acc(run_m - m) + s;  // run_s == 0 when run_m == -inf
-      run_m = m;
-    } else {
-      run_s += s * exp_acc(m - run_m);
-    }
-  }
-  *sum_x_out = sum_x;
-  return run_m + std::log(run_s);
-}
+  const T* x;
+  long N, V, stride;
+  const int64_t* target;
+  A* lse;         // forward: out, backward: in
+  A* loss;        // forward only
+  T* grad;        // nullptr: no gradient
+  long grad_stride;
+  const A* coef;  // per-row gradient coefficient
+  long ignore_index;
+  A eps, zl;
+  bool stream;
+};
 
-// Pass 2: writes the gradient row (may alias row).
+// One row of the forward (+ fused gradient when grad is set) or of the backward.
 template <typename T>
-THR_HD void row_grad(const T* row, T* grad, long V, long target, typename AccOf<T>::type lse,
-                     typename AccOf<T>::type coef, typename AccOf<T>::type eps,
-                     typename AccOf<T>::type zl) {
+THR_AI void row_forward(const Rows<T>& a, long i) {
   using A = typename AccOf<T>::type;
-  const A x_t = to_acc(row[target]);
-  const A scale_p = coef * (A(1) + A(2) * zl * lse);
-  const A smooth = coef * eps / static_cast<A>(V);
-  alignas(64) A scratch[BLOCK];
-  for (long j0 = 0; j0 < V; j0 += BLOCK) {
-    long n = std::min(BLOCK, V - j0);
-    const A* x = block_view<T, A>(row, j0, n, scratch);
-    T* g = grad + j0;
-#pragma omp simd
-    for (long j = 0; j < n; ++j) {
-      A v = exp_acc(x[j] - lse) * scale_p - smooth;
-      if constexpr (std::is_same<T, A>::value) g[j] = v; else g[j] = from_acc<T>(v);
-    }
-  }
-  A v_t = exp_acc(x_t - lse) * scale_p - smooth - coef * (A(1) - eps);
-  if constexpr (std::is_same<T, A>::value) grad[target] = v_t; else grad[target] = from_acc<T>(v_t);
-}
-
-template <typename T>
-THR_HD void row_zero(T* grad, long V) {
-  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
-    std::fill(grad, grad + V, T(0));
-  } else {
-    std::fill(grad, grad + V, T{0});
-  }
-}
-
-// One row of the forward (and fused gradient). Cloned per ISA.
-template <typename T>
-THR_HD void forward_row(const T* row, long V, long target, long ignore_index,
-                        typename AccOf<T>::type* lse_out, typename AccOf<T>::type* loss_out,
-                        T* grad, const typename AccOf<T>::type* coef, double eps, double zl) {
-  using A = typename AccOf<T>::type;
-  if (target == ignore_index) {
-    *lse_out = 0;
-    *loss_out = 0;
-    if (grad) row_zero(grad, V);
+  const T* row = a.x + i * a.stride;
+  T* grad = a.grad ? a.grad + i * a.grad_stride : nullptr;
+  const long t = a.target[i];
+  if (t == a.ignore_index) {
+    a.lse[i] = 0;
+    a.loss[i] = 0;
+    if (grad) std::fill(grad, grad + a.V, T{});
     return;
   }
   double sum_x = 0.0;
-  A lse = row_lse<T>(row, V, eps != 0.0, &sum_x);
-  *lse_out = lse;
-  *loss_out = static_cast<A>(thr::ce_row_loss(lse, to_acc(row[target]), sum_x, V, eps, zl));
-  if (grad) row_grad<T>(row, grad, V, target, lse, *coef, A(eps), A(zl));
+  const A lse = row_lse(row, a.V, a.eps != A(0), &sum_x);
+  a.lse[i] = lse;
+  a.loss[i] = static_cast<A>(thr::ce_row_loss(lse, to_acc(row[t]), sum_x, a.V, a.eps, a.zl));
+  if (grad) row_grad(row, grad, a.V, t, lse, a.coef[i], a.eps, a.zl, a.stream);
 }
 
 template <typename T>
-THR_HD void backward_row(const T* row, long V, long target, long ignore_index,
-                         typename AccOf<T>::type lse, typename AccOf<T>::type coef, T* grad,
-                         double eps, double zl) {
+THR_AI void row_backward(const Rows<T>& a, long i) {
   using A = typename AccOf<T>::type;
-  if (target == ignore_index || coef == A(0)) {
-    row_zero(grad, V);
+  const T* row = a.x + i * a.stride;
+  T* grad = a.grad + i * a.grad_stride;
+  const long t = a.target[i];
+  if (t == a.ignore_index || a.coef[i] == A(0)) {
+    std::fill(grad, grad + a.V, T{});
     return;
   }
-  row_grad<T>(row, grad, V, target, lse, coef, A(eps), A(zl));
+  row_grad(row, grad, a.V, t, a.lse[i], a.coef[i], a.eps, a.zl, a.stream);
 }
 
-// Non-template, ISA-cloned entry points (target_clones needs concrete functions).
-#define THR_DEFINE_ROWS(T, NAME)                                                          \
-  THR_CLONES void forward_row_##NAME(const T* row, long V, long target, long ii,          \
-                                     AccOf<T>::type* lse, AccOf<T>::type* loss, T* grad,  \
-                                     const AccOf<T>::type* coef, double eps, double zl) { \
-    forward_row<T>(row, V, target, ii, lse, loss, grad, coef, eps, zl);                   \
-  }                                                                                       \
-  THR_CLONES void backward_row_##NAME(const T* row, long V, long target, long ii,         \
-                                      AccOf<T>::type lse, AccOf<T>::type coef, T* grad,   \
-                                      double eps, double zl) {                            \
-    backward_row<T>(row, V, target, ii, lse, coef, grad, eps, zl);                        \
-  }
-
+// Concrete, ISA-cloned row functions (target_clones needs non-template functions).
+#define THR_DEFINE_ROWS(T, NAME)                                                   \
+  THR_CLONES void forward_##NAME(const Rows<T>& a, long i) { row_forward<T>(a, i); } \
+  THR_CLONES void backward_##NAME(const Rows<T>& a, long i) { row_backward<T>(a, i); }
 THR_DEFINE_ROWS(float, f32)
 THR_DEFINE_ROWS(double, f64)
 THR_DEFINE_ROWS(bf16_t, bf16)
 THR_DEFINE_ROWS(f16_t, f16)
 
 template <typename T>
-void forward_rows(void (*fn)(const T*, long, long, long, typename AccOf<T>::type*,
-                             typename AccOf<T>::type*, T*, const typename AccOf<T>::type*,
-                             double, double),
-                  uintptr_t logits, long N, long V, long stride, uintptr_t target,
-                  uintptr_t lse, uintptr_t loss, uintptr_t grad, long grad_stride,
-                  uintptr_t coef, long ignore_index, double eps, double zl, int threads) {
-  using A = typename AccOf<T>::type;
-  const T* x = reinterpret_cast<const T*>(logits);
-  const int64_t* tgt = reinterpret_cast<const int64_t*>(target);
-  A* lse_p = reinterpret_cast<A*>(lse);
-  A* loss_p = reinterpret_cast<A*>(loss);
-  T* g = reinterpret_cast<T*>(grad);
-  const A* c = reinterpret_cast<const A*>(coef);
+void run_rows(void (*fn)(const Rows<T>&, long), const Rows<T>& a, int threads) {
+  // Rows cost the same (V elements each), so a static split balances; ignored rows are rare.
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (long i = 0; i < N; ++i) {
-    fn(x + i * stride, V, tgt[i], ignore_index, lse_p + i, loss_p + i,
-       g ? g + i * grad_stride : nullptr, c ? c + i : nullptr, eps, zl);
-  }
+  for (long i = 0; i < a.N; ++i) fn(a, i);
 }
 
 template <typename T>
-void backward_rows(void (*fn)(const T*, long, long, long, typename AccOf<T>::type,
-                              typename AccOf<T>::type, T*, double, double),
-                   uintptr_t logits, long N, long V, long stride, uintptr_t target,
-                   uintptr_t lse, uintptr_t coef, uintptr_t grad, long grad_stride,
-                   long ignore_index, double eps, double zl, int threads) {
+Rows<T> make_rows(uintptr_t logits, long N, long V, long stride, uintptr_t target, uintptr_t lse,
+                  uintptr_t loss, uintptr_t grad, long grad_stride, uintptr_t coef,
+                  long ignore_index, double eps, double zl) {
   using A = typename AccOf<T>::type;
-  const T* x = reinterpret_cast<const T*>(logits);
-  const int64_t* tgt = reinterpret_cast<const int64_t*>(target);
-  const A* lse_p = reinterpret_cast<const A*>(lse);
-  const A* c = reinterpret_cast<const A*>(coef);
-  T* g = reinterpret_cast<T*>(grad);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (long i = 0; i < N; ++i) {
-    fn(x + i * stride, V, tgt[i], ignore_index, lse_p[i], c[i], g + i * grad_stride, eps, zl);
-  }
+  // Stream only a gradient that is separate from the logits and larger than any L3 (32 MiB).
+  const bool big = static_cast<double>(N) * V * sizeof(T) >= 32.0 * (1 << 20);
+  return Rows<T>{reinterpret_cast<const T*>(logits), N, V, stride,
+                 reinterpret_cast<const int64_t*>(target), reinterpret_cast<A*>(lse),
+                 reinterpret_cast<A*>(loss), reinterpret_cast<T*>(grad), grad_stride,
+                 reinterpret_cast<const A*>(coef), ignore_index, A(eps), A(zl),
+                 kCanStream && big && grad != logits};
+}
+
+template <typename T>
+void run_typed(void (*fn)(const Rows<T>&, long), uintptr_t logits, long N, long V, long stride,
+                   uintptr_t target, uintptr_t lse, uintptr_t loss, uintptr_t grad,
+                   long grad_stride, uintptr_t coef, long ii, double eps, double zl, int threads) {
+  run_rows<T>(fn, make_rows<T>(logits, N, V, stride, target, lse, loss, grad, grad_stride, coef,
+                               ii, eps, zl), threads);
 }
 
 void ce_forward(uintptr_t logits, long N, long V, long stride, int dtype, uintptr_t target,
                 uintptr_t lse, uintptr_t loss, uintptr_t grad, long grad_stride, uintptr_t coef,
-                long ignore_index, double eps, double zl, int threads) {
+                long ii, double eps, double zl, int threads) {
   if (grad != 0 && coef == 0) throw std::invalid_argument("ce_forward: grad needs coef");
   py::gil_scoped_release release;
   switch (dtype) {
-    case thr::kFloat32: forward_rows<float>(forward_row_f32, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ignore_index, eps, zl, threads); break;
-    case thr::kFloat64: forward_rows<double>(forward_row_f64, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ignore_index, eps, zl, threads); break;
-    case thr::kBFloat16: forward_rows<bf16_t>(forward_row_bf16, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ignore_index, eps, zl, threads); break;
-    case thr::kFloat16: forward_rows<f16_t>(forward_row_f16, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ignore_index, eps, zl, threads); break;
-    default: throw std::invalid_argument("ce_forward: unsupported dtype code");
+    case thr::kFloat32: return run_typed<float>(forward_f32, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, threads);
+    case thr::kFloat64: return run_typed<double>(forward_f64, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, threads);
+    case thr::kBFloat16: return run_typed<bf16_t>(forward_bf16, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, threads);
+    case thr::kFloat16: return run_typed<f16_t>(forward_f16, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, threads);
   }
+  throw std::invalid_argument("ce_forward: unsupported dtype code");
 }
 
 void ce_backward(uintptr_t logits, long N, long V, long stride, int dtype, uintptr_t target,
-                 uintptr_t lse, uintptr_t coef, uintptr_t grad, long grad_stride,
-                 long ignore_index, double eps, double zl, int threads) {
+                 uintptr_t lse, uintptr_t coef, uintptr_t grad, long grad_stride, long ii,
+                 double eps, double zl, int threads) {
   py::gil_scoped_release release;
+  // Same row set-up as the forward; backward rows read lse instead of writing it.
   switch (dtype) {
-    case thr::kFloat32: backward_rows<float>(backward_row_f32, logits, N, V, stride, target, lse, coef, grad, grad_stride, ignore_index, eps, zl, threads); break;
-    case thr::kFloat64: backward_rows<double>(backward_row_f64, logits, N, V, stride, target, lse, coef, grad, grad_stride, ignore_index, eps, zl, threads); break;
-    case thr::kBFloat16: backward_rows<bf16_t>(backward_row_bf16, logits, N, V, stride, target, lse, coef, grad, grad_stride, ignore_index, eps, zl, threads); break;
-    case thr::kFloat16: backward_rows<f16_t>(backward_row_f16, logits, N, V, stride, target, lse, coef, grad, grad_stride, ignore_index, eps, zl, threads); break;
-    default: throw std::invalid_argument("ce_backward: unsupported dtype code");
+    case thr::kFloat32: return run_typed<float>(backward_f32, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, threads);
+    case thr::kFloat64: return run_typed<double>(backward_f64, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, threads);
+    case thr::kBFloat16: return run_typed<bf16_t>(backward_bf16, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, threads);
+    case thr::kFloat16: return run_typed<f16_t>(backward_f16, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, threads);
   }
+  throw std::invalid_argument("ce_backward: unsupported dtype code");
 }
 
 }  // namespace

@@ -4,17 +4,16 @@
 reference backend always works. When ``_C`` cannot be loaded, the first op that would have
 used it warns once with the reason; ``native_status()`` reports both at any time.
 
-OpenMP: PyTorch wheels ship their own OpenMP runtime (a renamed libgomp); ``_C`` links the
-system one, so a process holds two thread pools. An idle libgomp pool spins for a while
-after each parallel region (GOMP_SPINCOUNT), which would steal the cores PyTorch's next op
-needs. We load ``_C``'s runtime with ``OMP_WAIT_POLICY=PASSIVE`` (its threads sleep at once
-after a region) and restore the environment afterwards, so neither pool oversubscribes the
-other and user settings for PyTorch's runtime are untouched.
+OpenMP: ``_C`` is linked against ``libgomp.so.1``. torch is always imported first (this
+module imports it), and the PyTorch wheels that ship their own ``libgomp.so.1`` have then
+already loaded it under that soname, so the dynamic loader binds ``_C`` to PyTorch's runtime:
+one thread pool for both, no oversubscription (tests/ops/test_cross_entropy.py checks which
+runtimes are mapped and runs a kernel between two PyTorch parallel ops). Thread counts come
+from ``torch.get_num_threads()`` on every call.
 """
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from types import ModuleType
 
@@ -30,19 +29,11 @@ _warned: set[str] = set()
 def _load(name: str) -> ModuleType | None:
     if name in _modules:
         return _modules[name]
-    saved = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY",)}
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         mod = importlib.import_module(f"thresher.{name}")
     except Exception as exc:  # noqa: BLE001 - any failure means "not available, here is why"
         mod = None
         _reasons[name] = f"thresher.{name} could not be imported: {type(exc).__name__}: {exc}"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     _modules[name] = mod
     return mod
 
