@@ -46,9 +46,16 @@ def check_tensor(
     return t
 
 
+def values_checkable() -> bool:
+    """Checks of tensor *values* need the data on the host (one sync). Under torch.compile a
+    graph cannot branch on data, so value checks are skipped there (shapes, dtypes and
+    devices are still checked at trace time); run the function eagerly once to vet data."""
+    return not torch.compiler.is_compiling()
+
+
 def check_weights(name: str, w: torch.Tensor) -> None:
     """Weights must be finite and non-negative (one fused check, one host sync)."""
-    if w.numel() == 0:
+    if w.numel() == 0 or not values_checkable():
         return
     bad = ~torch.isfinite(w) | (w < 0)
     if bool(bad.any()):

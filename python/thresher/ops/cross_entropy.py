@@ -48,7 +48,14 @@ from torch import Tensor
 
 from . import _native
 from ._dispatch import BackendSpec, Dispatcher
-from ._validate import check_choice, check_range, check_tensor, check_weights, rows_contiguous
+from ._validate import (
+    check_choice,
+    check_range,
+    check_tensor,
+    check_weights,
+    rows_contiguous,
+    values_checkable,
+)
 
 __all__ = [
     "weighted_cross_entropy",
@@ -95,7 +102,7 @@ def reference_cross_entropy_rows(x, target, coef, ignore_index, eps, zl, lse=Non
     if coef is not None:
         g = torch.exp(xf - lse[:, None]) * (1 + 2 * zl * lse)[:, None] - eps / x.size(-1)
         g.scatter_add_(1, tgt[:, None], torch.full_like(x_t, -(1 - eps))[:, None])
-        g = g * torch.where(valid, coef.to(acc), torch.zeros_like(coef, dtype=acc))[:, None]
+        g = torch.where(valid[:, None], g * coef.to(acc)[:, None], torch.zeros_like(g))
         grad = g.to(x.dtype)
     return loss, lse, grad
 
@@ -291,12 +298,12 @@ def _linear_grads(z, h, weight, s, e, gh, gw, gb, needs):
 
 
 def _linear_grad_buffers(hidden, weight, bias, needs):
-    empty = hidden.new_empty(0)
-    gh = torch.empty_like(hidden) if needs[0] else empty
+    empty = hidden.new_empty  # a distinct empty tensor per output: custom-op outputs may not alias
+    gh = torch.empty_like(hidden) if needs[0] else empty(0)
     gw = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) \
-        if needs[1] else empty
+        if needs[1] else empty(0)
     gb = torch.zeros(bias.shape, dtype=_acc_dtype(bias.dtype), device=bias.device) \
-        if needs[2] and bias is not None else empty
+        if needs[2] and bias is not None else empty(0)
     return gh, gw, gb
 
 
@@ -314,7 +321,7 @@ def _linear_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
     loss = hidden.new_empty(n, dtype=acc)
     lse = hidden.new_empty(n, dtype=acc)
     gh, gw, gb = _linear_grad_buffers(hidden, weight, bias, needs) if grad_coef is not None \
-        else (hidden.new_empty(0),) * 3
+        else tuple(hidden.new_empty(0) for _ in range(3))
     for s, e in _linear_chunks(n, chunk_size):
         h = hidden[s:e]
         z = _linear_logits(h, weight, bias)
@@ -333,7 +340,7 @@ def _(hidden, weight, bias, target, grad_coef, needs, ignore_index, label_smooth
     acc = _acc_dtype(hidden.dtype)
     n = hidden.size(0)
     grads = _linear_grad_buffers(hidden, weight, bias, needs) if grad_coef is not None \
-        else (hidden.new_empty(0),) * 3
+        else tuple(hidden.new_empty(0) for _ in range(3))
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc)) + tuple(grads)
 
 
@@ -452,7 +459,7 @@ def _check_common(target, lead_shape, device, vocab, sample_weight, token_weight
     if vocab < 1:
         raise ValueError(f"the vocabulary dimension must be at least 1, got {vocab}")
     t = target.reshape(-1)
-    if t.numel():
+    if t.numel() and values_checkable():
         bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
         if bool(bad.any()):
             raise ValueError(

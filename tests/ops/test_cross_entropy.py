@@ -1,0 +1,566 @@
+"""Tests for thresher.ops.cross_entropy (weighted CE and the fused linear variant).
+
+Ground truth is float64; a backend's error must be at most 2x the error of the same-dtype
+eager PyTorch computation plus a tiny absolute floor (DESIGN.md, Testing). The Triton
+kernels' interpreter runs and AOT compilation are in tests/kernels/test_cross_entropy.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import thresher
+from thresher.ops import BackendUnavailableError, _native
+from thresher.ops import cross_entropy as ce
+
+BACKENDS = ["reference"] + (["cpu"] if _native.cpu_ext() is not None else [])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+REDUCTIONS = ["none", "sample", "sum", "mean"]
+
+
+def test_cpu_extension_is_built():
+    # CI builds the extension (THRESHER_STRICT_BUILD=1); a silent reference-only run would
+    # hide every CPU-kernel test below.
+    assert _native.cpu_ext() is not None, _native.native_status()
+
+
+# ---------------------------------------------------------------------------------------
+# An independent formula (plain torch ops), run in float64 for truth and in the input dtype
+# for "what eager PyTorch would get".
+# ---------------------------------------------------------------------------------------
+
+
+def formula(x, target, sw=None, tw=None, ii=-100, reduction="mean", eps=0.0, zl=0.0):
+    lse = torch.logsumexp(x, -1)
+    logp = x - lse.unsqueeze(-1)
+    valid = target != ii
+    tt = torch.where(valid, target, torch.zeros_like(target))
+    nll = -logp.gather(-1, tt.unsqueeze(-1)).squeeze(-1)
+    loss = (1 - eps) * nll - eps * logp.mean(-1) + zl * lse * lse
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    t2 = valid.reshape(target.shape[0], -1).to(x.dtype)
+    tok = t2 if tw is None else t2 * tw.reshape(t2.shape).to(x.dtype)
+    w = tok if sw is None else tok * sw.to(x.dtype)[:, None]
+    l2 = loss.reshape(t2.shape)
+    if reduction == "none":
+        return (l2 * w).reshape(target.shape)
+    if reduction == "sample":
+        out = (l2 * tok).sum(1) / tok.sum(1).clamp_min(1e-30)
+        return out if sw is None else out * sw.to(x.dtype)
+    if reduction == "sum":
+        return (l2 * w).sum()
+    return (l2 * w).sum() / w.sum().clamp_min(1e-30)
+
+
+def floor_for(dtype, truth):
+    return 4 * torch.finfo(dtype).eps * max(1.0, float(truth.abs().max()) if truth.numel() else 1.0)
+
+
+def assert_within_eager(name, got, truth, eager, dtype):
+    if truth.numel() == 0:
+        assert got.numel() == 0
+        return
+    err = float((got.detach().double() - truth).abs().max())
+    eager_err = float((eager.double() - truth).abs().max())
+    bound = 2 * eager_err + floor_for(dtype, truth)
+    assert err <= bound, f"{name}: error {err:.3e} > 2 x eager {eager_err:.3e} + floor"
+
+
+def make_case(B, T, V, dtype, seed=0, ignore_frac=0.2, scale=3.0, weights=True):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = torch.randint(0, V, (B, T), generator=g)
+    t[torch.rand(B, T, generator=g) < ignore_frac] = -100
+    sw = torch.rand(B, generator=g, dtype=torch.float64).to(dtype) if weights else None
+    tw = torch.rand(B, T, generator=g, dtype=torch.float64).to(dtype) if weights else None
+    return x, t, sw, tw
+
+
+def check_against_truth(fn, x, t, sw, tw, reduction, eps, zl, dtype, upstream_seed=1):
+    """Loss and d(loss . u)/dlogits for a random upstream u vs truth and eager."""
+    xs = x.detach().clone().requires_grad_()
+    out = fn(xs, t, sample_weight=sw, token_weight=tw, reduction=reduction,
+             label_smoothing=eps, z_loss=zl)
+    u = torch.rand(out.shape, generator=torch.Generator().manual_seed(upstream_seed),
+                   dtype=torch.float64)
+    (gx,) = torch.autograd.grad(out, xs, u.to(out.dtype)) if out.numel() else (torch.zeros_like(xs),)
+
+    x64 = x.detach().double().requires_grad_()
+    truth = formula(x64, t, sw, tw, -100, reduction, eps, zl)
+    (g64,) = torch.autograd.grad(truth, x64, u) if truth.numel() else (torch.zeros_like(x64),)
+
+    xe = x.detach().clone().requires_grad_()
+    eager = formula(xe, t, sw, tw, -100, reduction, eps, zl)
+    (ge,) = torch.autograd.grad(eager, xe, u.to(eager.dtype)) if eager.numel() else (torch.zeros_like(xe),)
+
+    assert out.shape == truth.shape
+    assert_within_eager("loss", out, truth.detach(), eager.detach(), dtype)
+    assert gx.dtype == x.dtype and gx.shape == x.shape
+    assert_within_eager("grad", gx, g64, ge, dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# weighted_cross_entropy numerics
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("eps,zl", [(0.0, 0.0), (0.1, 1e-3)])
+def test_weighted_ce_matches_truth(backend, dtype, reduction, eps, zl):
+    x, t, sw, tw = make_case(3, 5, 1003, dtype)
+    fn = lambda *a, **k: thresher.weighted_cross_entropy(*a, backend=backend, **k)  # noqa: E731
+    check_against_truth(fn, x, t, sw, tw, reduction, eps, zl, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V", [1, 7, 50257, 128256])
+def test_awkward_vocab_sizes(backend, V):
+    B, T = (1, 2) if V > 1000 else (2, 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, t, sw, tw = make_case(B, T, V, dtype, ignore_frac=0.0)
+        fn = lambda *a, **k: thresher.weighted_cross_entropy(*a, backend=backend, **k)  # noqa: E731
+        check_against_truth(fn, x, t, sw, None, "mean", 0.05, 1e-4, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_2d_logits_single_row_and_sample_reduction(backend):
+    x, t, sw, _ = make_case(1, 1, 333, torch.float32, ignore_frac=0.0)
+    x2, t2 = x.reshape(1, 333), t.reshape(1)
+    out = thresher.weighted_cross_entropy(x2, t2, sample_weight=sw, reduction="sample", backend=backend)
+    truth = formula(x2.double(), t2, sw, None, reduction="sample")
+    assert out.shape == (1,)
+    torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(backend, reduction):
+    x = torch.randn(0, 4, 11, requires_grad=True)
+    t = torch.zeros(0, 4, dtype=torch.long)
+    out = thresher.weighted_cross_entropy(x, t, sample_weight=torch.ones(0), reduction=reduction,
+                                          backend=backend)
+    expected_shape = {"none": (0, 4), "sample": (0,), "sum": (), "mean": ()}[reduction]
+    assert out.shape == expected_shape
+    assert out.sum().item() == 0.0
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_targets_ignored(backend, reduction):
+    x = torch.randn(2, 3, 17, requires_grad=True)
+    t = torch.full((2, 3), -100)
+    out = thresher.weighted_cross_entropy(x, t, reduction=reduction, backend=backend)
+    assert torch.isfinite(out).all() and (out == 0).all()  # mean is 0, not NaN
+    out.sum().backward()
+    assert (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_logits(backend):
+    base = torch.randn(4, 37, 2 * 513, dtype=torch.float64)
+    x = base[..., ::2].float()               # strided last dim -> copied by the op
+    y = base.float()[:, ::3, :513]            # strided rows, contiguous last dim -> no copy
+    for logits in (x, y, base.float().transpose(0, 1)[:, :, :513]):
+        t = torch.randint(0, logits.size(-1), logits.shape[:-1])
+        fn = lambda *a, **k: thresher.weighted_cross_entropy(*a, backend=backend, **k)  # noqa: E731
+        check_against_truth(fn, logits, t, None, None, "mean", 0.0, 0.0, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index_and_int32_target(backend):
+    x, t, sw, tw = make_case(2, 6, 50, torch.float32)
+    t = torch.where(t == -100, torch.full_like(t, 7), t)
+    out = thresher.weighted_cross_entropy(x, t.int(), ignore_index=7, backend=backend)
+    truth = formula(x.double(), t, ii=7)
+    torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_torch_cross_entropy(backend):
+    # With no weights, thresher's "mean"/"none" are F.cross_entropy's (label smoothing too).
+    x, t, _, _ = make_case(4, 8, 300, torch.float32)
+    x, t = x.reshape(32, 300), t.reshape(32)
+    for red in ("mean", "none", "sum"):
+        ours = thresher.weighted_cross_entropy(x, t, reduction=red, label_smoothing=0.1, backend=backend)
+        theirs = F.cross_entropy(x.double(), t, reduction=red, label_smoothing=0.1)
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_upstream_gradient_and_retain_graph(backend):
+    # The fused path hands its buffer to the first backward; a retained graph's second
+    # backward must recompute, and a non-unit upstream must scale.
+    x, t, sw, _ = make_case(2, 4, 101, torch.float32)
+    x = x.requires_grad_()
+    loss = thresher.weighted_cross_entropy(x, t, sample_weight=sw, backend=backend)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(loss * 3.0, x)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g3, 3 * g1, rtol=1e-5, atol=1e-7)
+    x64 = x.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(formula(x64, t, sw), x64)
+    torch.testing.assert_close(g1.double(), g64, rtol=1e-4, atol=1e-6)
+
+
+def test_no_grad_returns_plain_tensor_and_keeps_nothing():
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    t = torch.randint(0, 40, (3, 5))
+    with torch.no_grad():
+        out = thresher.weighted_cross_entropy(x, t)
+    assert out.grad_fn is None
+    h = torch.randn(15, 8, requires_grad=True)
+    w = torch.randn(40, 8, requires_grad=True)
+    with torch.no_grad():
+        out = thresher.linear_weighted_cross_entropy(h, w, t.reshape(-1), chunk_size=4)
+    assert out.grad_fn is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.tensor([[1, -100, 5], [0, 2, 3]])
+    sw = torch.rand(2, dtype=torch.float64, generator=g)
+    tw = torch.rand(2, 3, dtype=torch.float64, generator=g)
+    for red in REDUCTIONS:
+        fn = lambda x: thresher.weighted_cross_entropy(  # noqa: E731
+            x, t, sample_weight=sw, token_weight=tw, reduction=red, label_smoothing=0.1,
+            z_loss=0.01, backend=backend)
+        assert torch.autograd.gradcheck(fn, (x,))
+    h = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    tl = torch.tensor([1, 6, -100, 0, 3, 3])
+    for red in REDUCTIONS:
+        fn = lambda h, w, b: thresher.linear_weighted_cross_entropy(  # noqa: E731
+            h, w, tl, bias=b, token_weight=tw.reshape(-1), reduction=red, label_smoothing=0.1,
+            z_loss=0.01, chunk_size=4, backend=backend)
+        assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+# ---------------------------------------------------------------------------------------
+# linear_weighted_cross_entropy
+# ---------------------------------------------------------------------------------------
+
+
+def linear_truth(h, w, b, t, **kw):
+    logits = h.double() @ w.double().t()
+    if b is not None:
+        logits = logits + b.double()
+    return formula(logits, t, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+def test_linear_matches_truth(backend, reduction, chunk_size):
+    g = torch.Generator().manual_seed(5)
+    B, T, H, V = 3, 6, 16, 301
+    h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    w = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
+    b = torch.randn(V, generator=g, requires_grad=True)
+    t = torch.randint(0, V, (B, T), generator=g)
+    t[0, 2] = -100
+    sw, tw = torch.rand(B, generator=g), torch.rand(B, T, generator=g)
+    out = thresher.linear_weighted_cross_entropy(
+        h, w, t, bias=b, sample_weight=sw, token_weight=tw, reduction=reduction,
+        label_smoothing=0.1, z_loss=1e-3, chunk_size=chunk_size, backend=backend)
+    u = torch.rand(out.shape, generator=g)
+    grads = torch.autograd.grad(out, (h, w, b), u)
+    h64, w64, b64 = (p.detach().double().requires_grad_() for p in (h, w, b))
+    truth = linear_truth(h64, w64, b64, t, sw=sw.double(), tw=tw.double(), reduction=reduction,
+                         eps=0.1, zl=1e-3)
+    grads64 = torch.autograd.grad(truth, (h64, w64, b64), u.double())
+    torch.testing.assert_close(out.double(), truth, rtol=2e-5, atol=2e-5)
+    for got, want in zip(grads, grads64):
+        torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_bf16_grad_weight_accumulates_in_fp32(backend):
+    g = torch.Generator().manual_seed(6)
+    N, H, V = 64, 32, 257
+    h = torch.randn(N, H, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.2).bfloat16().requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g)
+    out = thresher.linear_weighted_cross_entropy(h, w, t, chunk_size=8, backend=backend)
+    gh, gw = torch.autograd.grad(out, (h, w))
+    assert gw.dtype == torch.bfloat16 and gh.dtype == torch.bfloat16
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    truth = linear_truth(h64, w64, None, t)
+    th, tw_ = torch.autograd.grad(truth, (h64, w64))
+    # eager bf16: materialised logits, F.cross_entropy, autograd
+    he, we = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    eager = F.cross_entropy(he @ we.t(), t)
+    eh, ew = torch.autograd.grad(eager, (he, we))
+    assert_within_eager("loss", out, truth.detach(), eager.detach(), torch.bfloat16)
+    assert_within_eager("grad_hidden", gh, th, eh, torch.bfloat16)
+    assert_within_eager("grad_weight", gw, tw_, ew, torch.bfloat16)
+
+
+def test_linear_frozen_head_only_hidden_grad():
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(50, 8)  # frozen
+    t = torch.randint(0, 50, (10,))
+    out = thresher.linear_weighted_cross_entropy(h, w, t, reduction="sum")
+    (gh,) = torch.autograd.grad(out, h)
+    h64 = h.detach().double().requires_grad_()
+    (th,) = torch.autograd.grad(linear_truth(h64, w, None, t, reduction="sum"), h64)
+    torch.testing.assert_close(gh.double(), th, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_retain_graph_and_upstream():
+    h = torch.randn(12, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    t = torch.randint(0, 30, (12,))
+    out = thresher.linear_weighted_cross_entropy(h, w, t, chunk_size=5)
+    g1 = torch.autograd.grad(out, (h, w), retain_graph=True)
+    g2 = torch.autograd.grad(2.5 * out, (h, w))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(2.5 * a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_peak_memory_is_chunk_sized():
+    # The op must never hold the (N, V) logits: with chunk_size=c the live set is one
+    # (c, V) buffer plus the gradients. Count bytes through the CPU allocator's profiler.
+    N, H, V, c = 2048, 32, 4000, 128
+    h = torch.randn(N, H, requires_grad=True)
+    w = torch.randn(V, H, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = thresher.linear_weighted_cross_entropy(h, w, t, chunk_size=c)
+        torch.autograd.grad(out, (h, w))
+    big = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    full_logits = N * V * 4
+    assert max(big) < full_logits / 4, f"largest allocation {max(big)} vs (N, V) {full_logits}"
+
+
+# ---------------------------------------------------------------------------------------
+# Property tests: the C++ kernel agrees with the reference on random problems
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="thresher._C not built: nothing to compare")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(0, 9), v=st.integers(1, 700), dtype=st.sampled_from(DTYPES + [torch.float64]),
+    reduction=st.sampled_from(REDUCTIONS), eps=st.sampled_from([0.0, 0.2]),
+    zl=st.sampled_from([0.0, 1e-2]), scale=st.sampled_from([0.1, 5.0, 40.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_cpu_matches_reference(n, v, dtype, reduction, eps, zl, scale, seed):
+    x, t, sw, tw = make_case(max(n, 0), 1, v, dtype, seed=seed, scale=scale)
+    x, t, tw = x.reshape(n, v), t.reshape(n), tw.reshape(n)
+    outs = []
+    for be in ("reference", "cpu"):
+        xs = x.clone().requires_grad_()
+        out = thresher.weighted_cross_entropy(xs, t, sample_weight=sw, token_weight=tw,
+                                              reduction=reduction, label_smoothing=eps,
+                                              z_loss=zl, backend=be)
+        (g,) = torch.autograd.grad(out.sum(), xs) if n else (torch.zeros_like(xs),)
+        outs.append((out.double(), g.double()))
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5}.get(dtype, 2e-2)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, scale))
+
+
+# ---------------------------------------------------------------------------------------
+# Custom ops: opcheck and torch.compile
+# ---------------------------------------------------------------------------------------
+
+
+def _opcheck_inputs():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 13, generator=g)
+    t = torch.tensor([0, 3, -100, 12, 5])
+    coef = torch.rand(5, generator=g)
+    h, w, b = torch.randn(5, 4, generator=g), torch.randn(13, 4, generator=g), torch.randn(13, generator=g)
+    return x, t, coef, h, w, b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x, t, coef, h, w, b = _opcheck_inputs()
+    _, lse, _ = torch.ops.thresher.weighted_ce_fwd(x, t, None, -100, 0.1, 0.01, backend)
+    cases = [
+        (torch.ops.thresher.weighted_ce_fwd.default, (x, t, coef, -100, 0.1, 0.01, backend)),
+        (torch.ops.thresher.weighted_ce_fwd.default, (x, t, None, -100, 0.0, 0.0, backend)),
+        (torch.ops.thresher.weighted_ce_bwd.default, (x, t, lse, coef, -100, 0.1, 0.01, backend)),
+        (torch.ops.thresher.linear_weighted_ce_fwd.default,
+         (h, w, b, t, coef, [True, True, True], -100, 0.1, 0.0, 2, backend)),
+        (torch.ops.thresher.linear_weighted_ce_bwd.default,
+         (h, w, None, t, lse, coef, [True, False, False], -100, 0.0, 0.0, 3, backend)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_weighted_ce():
+    torch._dynamo.reset()
+    x, t, sw, tw = make_case(2, 3, 50, torch.float32)
+
+    def f(x, t, sw, tw):
+        return thresher.weighted_cross_entropy(x, t, sample_weight=sw, token_weight=tw,
+                                               label_smoothing=0.1)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xs, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, comp = f(xs, t, sw, tw), compiled(xc, t, sw, tw)
+    torch.testing.assert_close(comp, eager)
+    torch.testing.assert_close(torch.autograd.grad(comp, xc)[0], torch.autograd.grad(eager, xs)[0])
+
+
+def test_torch_compile_fullgraph_linear_ce():
+    torch._dynamo.reset()
+    h = torch.randn(12, 8, requires_grad=True)
+    w = torch.randn(40, 8, requires_grad=True)
+    t = torch.randint(0, 40, (12,))
+
+    def f(h, w, t):
+        return thresher.linear_weighted_cross_entropy(h, w, t, reduction="sample", chunk_size=5)
+
+    compiled = torch.compile(f, fullgraph=True)  # inductor: the real compile path
+    eager, comp = f(h, w, t), compiled(h, w, t)
+    torch.testing.assert_close(comp, eager)
+    ge = torch.autograd.grad(eager.sum(), (h, w))
+    gc = torch.autograd.grad(comp.sum(), (h, w))
+    for a, b in zip(ge, gc):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch, extension loading, OpenMP
+# ---------------------------------------------------------------------------------------
+
+
+def test_backend_errors_list_every_reason():
+    x, t = torch.randn(2, 5), torch.tensor([1, 2])
+    with pytest.raises(BackendUnavailableError) as e:
+        thresher.weighted_cross_entropy(x, t, backend="cuda")
+    assert "runs on cuda" in str(e.value)
+    if not os.environ.get("TRITON_INTERPRET"):
+        with pytest.raises(BackendUnavailableError) as e:
+            thresher.weighted_cross_entropy(x.double(), t, backend="triton")
+        msg = str(e.value)
+        assert "runs on cuda" in msg and "float64" in msg  # both reasons, not just the first
+    with pytest.raises(ValueError, match="backend must be one of"):
+        thresher.weighted_cross_entropy(x, t, backend="gpu")
+
+
+def test_missing_extension_falls_back_once_with_reason(monkeypatch):
+    monkeypatch.setitem(_native._modules, "_C", None)
+    monkeypatch.setitem(_native._reasons, "_C", "thresher._C could not be imported: simulated")
+    monkeypatch.setattr(_native, "_warned", set())
+    x, t = torch.randn(3, 9), torch.tensor([0, 1, 2])
+    with pytest.warns(RuntimeWarning, match="simulated"):
+        a = thresher.weighted_cross_entropy(x, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = thresher.weighted_cross_entropy(x, t)  # said once only
+    torch.testing.assert_close(a, b)
+    with pytest.raises(BackendUnavailableError, match="simulated"):
+        thresher.weighted_cross_entropy(x, t, backend="cpu")
+    assert "simulated" in thresher.native_status()["_C"]
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="thresher._C not built")
+def test_openmp_runtime_shared_with_torch():
+    # A kernel call between two PyTorch parallel ops: results right, and (where the wheel
+    # ships libgomp.so.1) one OpenMP runtime in the process, not two competing pools.
+    a = torch.randn(512, 512)
+    ref = a @ a
+    x, t = torch.randn(256, 4096), torch.randint(0, 4096, (256,))
+    loss = thresher.weighted_cross_entropy(x, t, backend="cpu")
+    torch.testing.assert_close(a @ a, ref)
+    torch.testing.assert_close(loss.double(), formula(x.double(), t), rtol=1e-5, atol=1e-5)
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    if os.path.exists(os.path.join(torch_lib, "libgomp.so.1")):
+        with open("/proc/self/maps") as f:
+            gomps = {line.split()[-1] for line in f if "libgomp" in line}
+        assert len(gomps) == 1, gomps
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+
+X, T = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(logits=X.long()), TypeError, "logits must have dtype"),
+        (dict(logits=[1.0]), TypeError, "logits must be a torch.Tensor"),
+        (dict(logits=torch.randn(10)), ValueError, "logits must have 2 or 3 dimensions"),
+        (dict(target=T.float()), TypeError, "target must have dtype"),
+        (dict(target=T[:, :2]), ValueError, r"target must have shape \(2, 3\)"),
+        (dict(target=T.to("meta")), ValueError, "target must be on cpu"),
+        (dict(target=torch.full((2, 3), 10)), ValueError, r"target values must be in \[0, 10\)"),
+        (dict(target=torch.full((2, 3), -5)), ValueError, "found -5"),
+        (dict(sample_weight=torch.ones(3)), ValueError, r"sample_weight must have shape \(2\)"),
+        (dict(sample_weight=torch.tensor([1.0, float("nan")])), ValueError, "sample_weight must be finite and non-negative"),
+        (dict(sample_weight=torch.tensor([1.0, -1.0])), ValueError, "sample_weight must be finite and non-negative"),
+        (dict(token_weight=torch.ones(2, 4)), ValueError, r"token_weight must have shape \(2, 3\)"),
+        (dict(token_weight=torch.full((2, 3), float("inf"))), ValueError, "token_weight must be finite"),
+        (dict(token_weight=torch.ones(2, 3, dtype=torch.long)), TypeError, "token_weight must have dtype"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0.0, 1.0\]"),
+        (dict(z_loss=-1.0), ValueError, "z_loss must be in"),
+        (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_bad_input_weighted(kwargs, exc, match):
+    args = dict(logits=X, target=T)
+    args.update(kwargs)
+    logits, target = args.pop("logits"), args.pop("target")
+    with pytest.raises(exc, match=match):
+        thresher.weighted_cross_entropy(logits, target, **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(lm_weight=torch.randn(10, 5)), ValueError, r"lm_weight must have shape \(\*, 4\)"),
+        (dict(lm_weight=torch.randn(10, 4).double()), TypeError, "lm_weight must have dtype float32"),
+        (dict(bias=torch.randn(9)), ValueError, r"bias must have shape \(10\)"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        (dict(target=torch.full((2, 3), 10)), ValueError, "target values must be in"),
+    ],
+)
+def test_bad_input_linear(kwargs, exc, match):
+    args = dict(hidden=torch.randn(2, 3, 4), lm_weight=torch.randn(10, 4), target=T)
+    args.update(kwargs)
+    h, w, t = args.pop("hidden"), args.pop("lm_weight"), args.pop("target")
+    with pytest.raises(exc, match=match):
+        thresher.linear_weighted_cross_entropy(h, w, t, **args)
+
+
+def test_modules_wrap_functions():
+    x, t, sw, tw = make_case(2, 3, 20, torch.float32)
+    m = thresher.WeightedCrossEntropyLoss(reduction="sum", label_smoothing=0.1)
+    torch.testing.assert_close(
+        m(x, t, sample_weight=sw),
+        thresher.weighted_cross_entropy(x, t, sample_weight=sw, reduction="sum", label_smoothing=0.1))
+    h, w = torch.randn(2, 3, 4), torch.randn(20, 4)
+    lm = thresher.LinearWeightedCrossEntropyLoss(reduction="sample")
+    torch.testing.assert_close(
+        lm(h, w, t, token_weight=tw),
+        thresher.linear_weighted_cross_entropy(h, w, t, token_weight=tw, reduction="sample"))
+    assert "reduction='sum'" in repr(m)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        thresher.WeightedCrossEntropyLoss(reduction="avg")
