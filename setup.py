@@ -53,6 +53,26 @@ def _find_nvcc() -> str | None:
     return default if os.path.exists(default) else None
 
 
+def _cuda_lib_dir(nvcc: str) -> str:
+    """The folder holding libcudart_static.a for this nvcc. nvcc may be a wrapper script
+    (e.g. /usr/local/bin/nvcc), so ask nvcc itself: its dry run prints the -L paths it links
+    with. Falls back to <CUDA root>/lib64."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        for line in (out.stdout + out.stderr).splitlines():
+            if "LIBRARIES=" in line:
+                for tok in shlex.split(line.split("LIBRARIES=", 1)[1]):
+                    d = tok[2:] if tok.startswith("-L") else ""
+                    if d and os.path.exists(os.path.join(d, "libcudart_static.a")):
+                        return os.path.normpath(d)
+    except Exception:  # noqa: BLE001 - fall back to the usual layout
+        pass
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or \
+        os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return os.path.join(home, "lib64")
+
+
 def _torch_has_cuda() -> bool:
     # Only a probe: torch is not required to build. Run in a subprocess so a broken torch
     # cannot break the build.
@@ -108,7 +128,11 @@ class NinjaBuildExt(build_ext):
         ldflags = ["-shared", "-fopenmp"]
         nvcc = _find_nvcc() if ext.kind == "cuda" else None
         if nvcc:
-            ldflags += [f"-L{os.path.join(os.path.dirname(os.path.dirname(nvcc)), 'lib64')}", "-lcudart"]
+            # Static cudart: the module then needs no libcudart.so.N at run time (CUDA torch
+            # wheels bundle their own, of another version), and --exclude-libs keeps its
+            # symbols private so they cannot bind to a global cudart that torch loaded.
+            ldflags += [f"-L{_cuda_lib_dir(nvcc)}", "-lcudart_static", "-ldl", "-lrt", "-lpthread",
+                        "-Wl,--exclude-libs,ALL"]
 
         lines = [
             "ninja_required_version = 1.3",
@@ -132,7 +156,9 @@ class NinjaBuildExt(build_ext):
                 f"nvccflags = {' '.join(includes)} -O3 -std=c++17 --use_fast_math "
                 f"-Xcompiler -fPIC -Xcompiler -fvisibility=hidden {gencode}",
                 "rule nvcc",
-                "  command = $nvcc $nvccflags -c $in -o $out",
+                "  command = $nvcc -MD -MF $out.d $nvccflags -c $in -o $out",
+                "  depfile = $out.d",
+                "  deps = gcc",
             ]
 
         objects = []

@@ -34,6 +34,13 @@ def _load(name: str) -> ModuleType | None:
     except Exception as exc:  # noqa: BLE001 - any failure means "not available, here is why"
         mod = None
         _reasons[name] = f"thresher.{name} could not be imported: {type(exc).__name__}: {exc}"
+    if mod is not None and hasattr(mod, "runtime_status"):
+        # _C_cuda imports without a GPU; it can run only where the CUDA runtime it was built
+        # against finds a device and a new enough driver.
+        why = mod.runtime_status()
+        if why:
+            mod = None
+            _reasons[name] = f"thresher.{name} is built but cannot run here: {why}"
     _modules[name] = mod
     return mod
 
