@@ -1,0 +1,341 @@
+"""Triton kernels for the weighted cross-entropy op (``thresher.ops.cross_entropy``).
+
+The op layer calls two launchers, one row kernel each (see that module's docstring for the
+maths and for who calls which)::
+
+    ce_forward(x, target, lse, loss, grad, coef, ignore_index, eps, zl)   # loss, lse [, grad]
+    ce_backward(x, target, lse, coef, grad, ignore_index, eps, zl)        # grad from saved lse
+
+Per row (token) with logits x (vocab V), target y, lse = logsumexp(x), p_j = exp(x_j - lse)::
+
+    loss   = lse - (1 - eps) x_y - eps mean_j(x_j) + zl lse^2
+    grad_j = coef (p_j (1 + 2 zl lse) - eps / V - (1 - eps) [j == y])
+
+and an ignored row (y == ignore_index) gets loss = lse = 0 and a zero gradient row.
+
+Design. One program per row; the row is swept in ``BLOCK_V`` tiles, all maths in fp32
+whatever the storage dtype (16-bit logits are widened on load, the gradient is rounded once
+on store). The op is memory-bound: per element a load, a handful of FMAs and one ``exp``,
+so the only things that matter are the number of passes over the row and keeping enough
+bytes in flight.
+
+* Forward, pass 1: an online log-sum-exp. Per tile two block reductions: the tile's max
+  (-> the running max ``m``, which every lane needs) and its sum of ``x`` (label
+  smoothing's mean, a block-uniform scalar). The sum of exponentials stays a per-lane
+  vector rescaled by ``exp(m_old - m_new)`` (one scalar ``exp`` per tile, not per element)
+  and is reduced once, after the loop. So each element costs exactly one ``exp``. (A single
+  tuple ``tl.reduce`` for max and sum would save one barrier per tile, but the interpreter
+  runs custom combine functions element by element in Python -- 100x slower tests -- and
+  with 8 elements a thread the separate reductions need no more registers.)
+* Forward with a gradient, pass 2: re-reads the row and writes ``grad`` (one more ``exp``
+  per element). The row was read moments before by the same program, so for 16-bit
+  vocabularies up to ~128K (256 KB a row) much of this second read is served by the 50 MB
+  L2 of an H100 rather than HBM.
+* Backward: one pass, from the saved lse: read the row, write the gradient.
+
+Bytes moved per row (V = 128256, b = bytes per element: 2 for bf16/fp16, 4 for fp32):
+
+* forward, loss only:           V b        (256.5 KB bf16; + 20 B of target/loss/lse)
+* forward with gradient:        3 V b      (769.5 KB bf16: read, re-read, write)
+* backward from the saved lse:  2 V b      (513 KB bf16)
+
+so eager forward+backward of the "sum"/"mean" reductions (gradient fused into the forward,
+backward a no-op) moves 3 V b per row against 1 V b (forward) + 2 V b (backward) for the
+"none"/"sample" path: the same, with no second log-sum-exp. On an H100 (3.35 TB/s) a
+(8192, 128256) bf16 batch costs ~0.63 ms for the loss alone and ~1.9 ms fused -- next to the
+LM-head GEMMs that produce those logits (2 * 8192 * 128256 * 4096 FLOPs ~ 8.6 TFLOP, ~8.7 ms
+at 990 TFLOP/s), the loss is a small part of the step.
+
+In-place gradient. ``grad`` may be the very tensor ``x`` (the fused linear op overwrites its
+logits chunk with the gradient). That is safe here because a program only ever writes its
+own row; ``x_y`` and every pass-1 tile are loaded before pass 2 starts, with CTA barriers in
+between (the cross-warp reductions of the lse, which pass 2 needs: a ``bar.sync``
+guarantees a thread's earlier loads are performed before any other thread of the block
+goes on); and within pass 2 each tile's store consumes the values that same tile loaded,
+in the same register layout. (Loading ``x_y`` once, rather than picking it out of the
+tiles as they stream by, saves a 64-bit compare and an accumulator vector per thread; an
+earlier version doing that, with 16 elements a thread and sum-x as a per-lane vector,
+needed ~120 registers.)
+
+Ignored rows (padding) never read the row: they write lse = loss = 0 and, with a gradient,
+a row of zeros (V b). Rows with ``coef == 0`` (zero token weight) still get their loss
+(pass 1) but skip pass 2's read: their gradient row is written as zeros.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["ce_forward", "ce_backward", "launch_config", "aot_compile_stats", "SUPPORTED_DTYPES"]
+
+# ----------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------
+#
+# Large vocabularies (every LM: 32000, 50257, 128256, ...) use 4096-element tiles on 16
+# warps (512 threads): 8 elements a thread, i.e. one 16-byte load per thread per tile for
+# bf16/fp16 and two for fp32, so a tile puts 8 KB (16-bit) / 16 KB (fp32) in flight per
+# program. The loop-carried state is one 8-element fp32 vector (sum-exp) plus scalars: <= 40
+# registers a thread on sm_80 and sm_90, no spills, for every dtype and both row alignments
+# (the AOT test checks; aot_compile_stats reports them). So 3 programs (1536 threads, 48 of
+# 64 warps) fit an SM's 64K registers and hide each other's reductions, with 24 KB (16-bit)
+# / 48 KB (fp32) of loads in flight per SM -- Little's law asks about 3.35 TB/s / 132 SMs x
+# ~1 us latency ~ 25 KB on an H100. (16 elements a thread on 8 warps needed 55-64 registers
+# and spilled on sm_80 for odd V, where ptxas aims at 64 and the loads are scalar.)
+# V = 128256 takes 32 tiles (the masked tail idles ~2% of lanes), 50257 takes 13 (~6%).
+# Small vocabularies (V <= 1024: classifiers, tests) use one 1024-element tile on 4 warps:
+# one pass of the loop, 8 elements a thread. Only these two configurations exist, so the
+# AOT test compiles exactly what the launchers run.
+LARGE_BLOCK_V, LARGE_NUM_WARPS = 4096, 16
+SMALL_BLOCK_V, SMALL_NUM_WARPS = 1024, 4
+CONFIGS = ((SMALL_BLOCK_V, SMALL_NUM_WARPS), (LARGE_BLOCK_V, LARGE_NUM_WARPS))
+
+
+def launch_config(vocab: int) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` the launchers use for a vocabulary of ``vocab``."""
+    return (SMALL_BLOCK_V, SMALL_NUM_WARPS) if vocab <= SMALL_BLOCK_V \
+        else (LARGE_BLOCK_V, LARGE_NUM_WARPS)
+
+
+# Storage dtypes the kernels accept (fp32 maths for all of them). Names are Triton's.
+SUPPORTED_DTYPES = ("fp32", "bf16", "fp16")
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _write_grad_row(x_row, g_row, V, y, lse, c, eps, zl, BLOCK_V: tl.constexpr):
+    """grad_j = c (exp(x_j - lse)(1 + 2 zl lse) - eps/V - (1-eps)[j == y]); zeros, without
+    reading x, when c == 0 (ignored row or zero weight). Reads each tile before writing
+    it, so g_row may equal x_row."""
+    cols0 = tl.arange(0, BLOCK_V)
+    if c == 0.0:
+        zero = tl.zeros([BLOCK_V], dtype=g_row.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            tl.store(g_row + cols, zero, mask=cols < V)
+    else:
+        scale = c * (1.0 + 2.0 * zl * lse)  # c * d(lse + zl lse^2)/d lse
+        off = c * eps / V                    # smoothing: c * eps * d(mean x)/dx_j
+        hot = c * (1.0 - eps)                # the target column's extra term
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            mask = cols < V
+            xb = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(xb - lse) * scale - off
+            g = tl.where(cols == y, g - hot, g)
+            tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    x_ptr, x_stride, tgt_ptr, lse_ptr, loss_ptr, grad_ptr, grad_stride, coef_ptr,
+    V, ignore_index, eps, zl,
+    BLOCK_V: tl.constexpr, HAS_GRAD: tl.constexpr,
+):
+    # int64 row offsets: N * V passes 2^31 elements (16384 x 128256) long before V does.
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    y = tl.load(tgt_ptr + row)
+    valid = y != ignore_index
+    lse = tl.full([], 0.0, tl.float32)
+    if valid:
+        cols0 = tl.arange(0, BLOCK_V)
+        m = tl.full([], float("-inf"), tl.float32)        # running max (block-uniform)
+        sx = tl.full([], 0.0, tl.float32)                 # running sum of x (smoothing)
+        s_vec = tl.zeros([BLOCK_V], dtype=tl.float32)     # per-lane sum exp(x - m)
+        x_y = tl.load(x_row + y).to(tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            mask = cols < V
+            xb = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(xb, axis=0))
+            # A row (so far) of -inf logits must not produce exp(-inf - -inf) = NaN.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_vec = s_vec * tl.exp(m - m_ref) + tl.exp(xb - m_ref)
+            sx += tl.sum(tl.where(mask, xb, 0.0), axis=0)
+            m = m_new
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        lse = m_ref + tl.log(tl.sum(s_vec, axis=0))
+        # eps * mean(x) only when smoothing: with eps = 0 a -inf logit must not make 0 * -inf.
+        smooth = tl.where(eps != 0.0, eps * (sx / V), 0.0)
+        loss = lse - (1.0 - eps) * x_y - smooth + zl * lse * lse
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, loss)
+    else:
+        tl.store(lse_ptr + row, 0.0)
+        tl.store(loss_ptr + row, 0.0)
+    if HAS_GRAD:
+        c = tl.load(coef_ptr + row)
+        c = tl.where(valid, c, 0.0)
+        _write_grad_row(x_row, grad_ptr + row * grad_stride, V, y, lse, c, eps, zl, BLOCK_V)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    x_ptr, x_stride, tgt_ptr, lse_ptr, coef_ptr, grad_ptr, grad_stride,
+    V, ignore_index, eps, zl,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(tgt_ptr + row)
+    c = tl.load(coef_ptr + row)
+    c = tl.where(y != ignore_index, c, 0.0)
+    lse = tl.load(lse_ptr + row)
+    _write_grad_row(x_ptr + row * x_stride, grad_ptr + row * grad_stride, V, y, lse, c, eps, zl,
+                    BLOCK_V)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers (the op layer validated shapes, dtypes and devices; these only check layout)
+# ----------------------------------------------------------------------------------------
+
+
+def _check_rows(name, t, n, v):
+    if t.dim() != 2 or tuple(t.shape) != (n, v) or (v > 1 and t.stride(1) != 1):
+        raise ValueError(f"{name} must be ({n}, {v}) with a unit last stride, got shape "
+                         f"{tuple(t.shape)} strides {tuple(t.stride())}")
+
+
+def ce_forward(x, target, lse, loss, grad, coef, ignore_index: int, eps: float, zl: float) -> None:
+    """Writes ``lse`` and ``loss`` (N,) fp32 and, when ``grad`` is given, ``coef_t * dl_t/dx``
+    into ``grad`` (may be ``x`` itself)."""
+    n, v = x.shape
+    _check_rows("x", x, n, v)
+    if grad is not None:
+        _check_rows("grad", grad, n, v)
+        if coef is None:
+            raise ValueError("ce_forward: coef is required when grad is given")
+    if n == 0:
+        return
+    block_v, num_warps = launch_config(v)
+    has_grad = grad is not None
+    _ce_fwd_kernel[(n,)](
+        x, x.stride(0), target, lse, loss,
+        grad if has_grad else x, grad.stride(0) if has_grad else 0,
+        coef if has_grad else lse,  # unused placeholders when there is no gradient
+        v, int(ignore_index), float(eps), float(zl),
+        BLOCK_V=block_v, HAS_GRAD=has_grad, num_warps=num_warps,
+    )
+
+
+def ce_backward(x, target, lse, coef, grad, ignore_index: int, eps: float, zl: float) -> None:
+    """Writes ``coef_t * dl_t/dx`` into ``grad`` (may be ``x`` itself) from the saved ``lse``."""
+    n, v = x.shape
+    _check_rows("x", x, n, v)
+    _check_rows("grad", grad, n, v)
+    if n == 0:
+        return
+    block_v, num_warps = launch_config(v)
+    _ce_bwd_kernel[(n,)](
+        x, x.stride(0), target, lse, coef, grad, grad.stride(0),
+        v, int(ignore_index), float(eps), float(zl),
+        BLOCK_V=block_v, num_warps=num_warps,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Ahead-of-time compilation (GPU readiness on machines without a GPU)
+# ----------------------------------------------------------------------------------------
+
+
+def _aot_specs(dtype: str):
+    """(kernel name, fn, signature, constexprs, block_v, num_warps) for every variant the
+    launchers launch. Scalar types are what Triton's launcher infers from the Python values:
+    row strides and V below 2^31 are i32, eps/zl fp32."""
+    p = f"*{dtype}"
+    fwd_sig = {"x_ptr": p, "x_stride": "i32", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
+               "loss_ptr": "*fp32", "grad_ptr": p, "grad_stride": "i32", "coef_ptr": "*fp32",
+               "V": "i32", "ignore_index": "i32", "eps": "fp32", "zl": "fp32",
+               "BLOCK_V": "constexpr", "HAS_GRAD": "constexpr"}
+    bwd_sig = {"x_ptr": p, "x_stride": "i32", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
+               "coef_ptr": "*fp32", "grad_ptr": p, "grad_stride": "i32",
+               "V": "i32", "ignore_index": "i32", "eps": "fp32", "zl": "fp32",
+               "BLOCK_V": "constexpr"}
+    for block_v, num_warps in CONFIGS:
+        for has_grad in (False, True):
+            yield ("ce_fwd_grad" if has_grad else "ce_fwd", _ce_fwd_kernel, fwd_sig,
+                   {"BLOCK_V": block_v, "HAS_GRAD": has_grad}, block_v, num_warps)
+        yield ("ce_bwd", _ce_bwd_kernel, bwd_sig, {"BLOCK_V": block_v}, block_v, num_warps)
+
+
+def _divisibility_attrs(fn, signature, aligned_rows: bool):
+    """The JIT's specialisation: torch allocations are 16-byte aligned, so every pointer is
+    16-divisible; V and the row strides are too when V is a multiple of 16 (32000, 128256),
+    which lets the compiler vectorise row loads (16-byte ld.global.v4). An odd V (50257)
+    gets the same kernel with those hints off: scalar 2/4-byte loads, still coalesced. (The
+    JIT hints V and each stride separately, so a padded buffer can mix the two; these are
+    the two extremes.)"""
+    hinted = [k for k, t in signature.items()
+              if t.startswith("*") or (aligned_rows and k in ("x_stride", "grad_stride", "V"))]
+    return {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in hinted}
+
+
+def _ptxas_usage(ptx: str, cc: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` on the kernel's PTX,
+    with the flags Triton itself uses. Triton 3.7 only exposes ``n_regs``/``n_spills`` on a
+    CompiledKernel after loading it onto a GPU (``_init_handles``), and discards the ptxas
+    log it produced while compiling, so without a GPU we ask ptxas again."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    ptxas = get_ptxas(cc).path
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run(
+            [ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2",
+             f"--gpu-name={sm_arch_from_capability(cc)}", src, "-o", os.path.join(d, "k.o")],
+            capture_output=True, text=True, check=True)
+    log = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        raise RuntimeError(f"cannot parse ptxas -v output:\n{log}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def aot_compile_stats(cc: int) -> list[dict]:
+    """AOT-compiles every kernel of this file, for every supported dtype and every launch
+    configuration the launchers use, for ``GPUTarget("cuda", cc, 32)`` (cc = 80 or 90); no
+    GPU needed (Triton ships ptxas). Returns one dict per compiled kernel: kernel ("ce_fwd"
+    and "ce_fwd_grad": _ce_fwd_kernel with HAS_GRAD False/True; "ce_bwd"), dtype,
+    cc, block_v, aligned (row-alignment specialisation, see _divisibility_attrs), num_warps,
+    n_regs, n_spills (spill store + load bytes), shared (bytes).
+
+    Must run without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(_ce_fwd_kernel, JITFunction):
+        raise RuntimeError("aot_compile_stats needs the compiled (not interpreted) kernels: "
+                           "import thresher.kernels.cross_entropy without TRITON_INTERPRET=1")
+    target = GPUTarget("cuda", int(cc), 32)
+    out = []
+    for dtype in SUPPORTED_DTYPES:
+        for name, fn, sig, constexprs, block_v, num_warps in _aot_specs(dtype):
+            for aligned in (True, False):
+                src = ASTSource(fn=fn, signature=sig, constexprs=constexprs,
+                                attrs=_divisibility_attrs(fn, sig, aligned))
+                k = triton.compile(src, target=target, options={"num_warps": num_warps})
+                regs, spill_st, spill_ld = _ptxas_usage(k.asm["ptx"], int(cc))
+                # Triton fills these only once the kernel is loaded on a GPU; use them then.
+                n_regs = getattr(k, "n_regs", None)
+                n_spills = getattr(k, "n_spills", None)
+                out.append({
+                    "kernel": name, "dtype": dtype, "cc": int(cc), "block_v": block_v,
+                    "aligned": aligned, "num_warps": k.metadata.num_warps,
+                    "n_regs": n_regs if n_regs is not None else regs,
+                    "n_spills": n_spills if n_spills is not None else spill_st + spill_ld,
+                    "shared": k.metadata.shared,
+                })
+    return out
