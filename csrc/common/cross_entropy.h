@@ -290,26 +290,7 @@ THR_HD float lse_value(LseState st) {
 
 // ---- pass 2: gradient -----------------------------------------------------------------------
 
-struct GradCoef {
-  float lse;
-  float scale_p;       // c (1 + 2 zl lse)
-  float smooth;        // c eps / V
-  float target_shift;  // c (1 - eps)
-};
-
-THR_HD GradCoef grad_coef(float lse, float coef, double eps, double zl, long V) {
-  const float e = static_cast<float>(eps), z = static_cast<float>(zl);
-  return GradCoef{lse, coef * (1.0f + 2.0f * z * lse), coef * e / static_cast<float>(V),
-                  coef * (1.0f - e)};
-}
-
-THR_HD float grad_value(float x, const GradCoef& c) {
-  return fast_expf(x - c.lse) * c.scale_p - c.smooth;
-}
-
-THR_HD float grad_target_value(float x_t, const GradCoef& c) {
-  return grad_value(x_t, c) - c.target_shift;
-}
+// GradCoef, grad_coef, grad_value, grad_target_value: csrc/common/math.h (shared with the CPU).
 
 // Writes g_j = grad_value(x_j) for this thread's elements (the target is fixed up by the
 // caller afterwards). grad may alias row: every element is read, then written, by the one

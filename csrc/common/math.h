@@ -143,6 +143,28 @@ THR_HD double ce_row_loss(double lse, double x_target, double sum_x, long vocab,
   return lse - (1.0 - eps) * x_target - eps * sum_x / static_cast<double>(vocab) + zl * lse * lse;
 }
 
+// Per-row constants of the gradient, and the per-element gradient itself (CPU and CUDA).
+struct GradCoef {
+  float lse;
+  float scale_p;       // c (1 + 2 zl lse)
+  float smooth;        // c eps / V
+  float target_shift;  // c (1 - eps)
+};
+
+THR_HD GradCoef grad_coef(float lse, float coef, double eps, double zl, long V) {
+  const float e = static_cast<float>(eps), z = static_cast<float>(zl);
+  return GradCoef{lse, coef * (1.0f + 2.0f * z * lse), coef * e / static_cast<float>(V),
+                  coef * (1.0f - e)};
+}
+
+THR_HD float grad_value(float x, const GradCoef& c) {
+  return fast_expf(x - c.lse) * c.scale_p - c.smooth;
+}
+
+THR_HD float grad_target_value(float x_t, const GradCoef& c) {
+  return grad_value(x_t, c) - c.target_shift;
+}
+
 // Online log-sum-exp state: running max m and sum of exp(x - m).
 struct LseState {
   float m;

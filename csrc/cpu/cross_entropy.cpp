@@ -137,7 +137,7 @@ THR_AI float row_lse(const T* row, long V, bool want_sum_x, double* sum_x) {
     }
   }
   *sum_x = sx_total;
-  return run_m + std::log(run_s);
+  return run_m + static_cast<float>(std::log(static_cast<double>(run_s)));  // one log per row
 }
 
 // float64 rows (gradcheck and ground-truth use; exactness over speed): scalar std::exp.
@@ -185,16 +185,14 @@ constexpr bool kCanStream = false;
 template <typename T>
 THR_AI void row_grad(const T* row, T* grad, long V, long target, float lse, float coef, float eps,
                      float zl, bool stream) {
-  const float scale_p = coef * (1.0f + 2.0f * zl * lse);
-  const float smooth = coef * eps / static_cast<float>(V);
-  const float onehot = coef * (1.0f - eps);
+  const thr::GradCoef c = thr::grad_coef(lse, coef, eps, zl, V);
   auto scalar = [&](long j) __attribute__((always_inline)) {
-    float v = thr::fast_expf(to_acc(row[j]) - lse) * scale_p - smooth;
-    store1(grad + j, j == target ? v - onehot : v);
+    const float x = to_acc(row[j]);
+    store1(grad + j, j == target ? thr::grad_target_value(x, c) : thr::grad_value(x, c));
   };
-  auto vec = [&](long j) __attribute__((always_inline)) {
-    v8f v = vexp(load8(row + j) - lse) * scale_p - smooth;
-    if (target >= j && target < j + W) v[target - j] -= onehot;
+  auto vec = [&](long j) __attribute__((always_inline)) {  // thr::grad_value, 8 lanes at once
+    v8f v = vexp(load8(row + j) - c.lse) * c.scale_p - c.smooth;
+    if (target >= j && target < j + W) v[target - j] -= c.target_shift;
     return v;
   };
   long j = 0;

@@ -106,10 +106,10 @@ ce_forward_kernel(const typename Elem<D>::S* logits, long N, int V, long stride,
     }
     __syncthreads();
     if (g) {  // uniform
-      const thr::ce::GradCoef c = thr::ce::grad_coef(sh.row_lse, coef[row], eps, zl, V);
+      const thr::GradCoef c = thr::grad_coef(sh.row_lse, coef[row], eps, zl, V);
       thr::ce::row_grad<D>(x, g, V, tid, nthreads, c);
       __syncthreads();  // the owner's plain value is written before the target's
-      if (tid == 0 && t_ok) g[t] = E::from_float(thr::ce::grad_target_value(x_t, c));
+      if (tid == 0 && t_ok) g[t] = E::from_float(thr::grad_target_value(x_t, c));
     }
   }
 }
@@ -136,10 +136,10 @@ ce_backward_kernel(const typename Elem<D>::S* logits, long N, int V, long stride
     float x_t = 0.0f;
     if (tid == 0 && t_ok) x_t = E::to_float(x[t]);
     __syncthreads();  // x[target] is read before anyone writes (grad may alias logits)
-    const thr::ce::GradCoef c = thr::ce::grad_coef(lse_in[row], cf, eps, zl, V);
+    const thr::GradCoef c = thr::grad_coef(lse_in[row], cf, eps, zl, V);
     thr::ce::row_grad<D>(x, g, V, tid, nthreads, c);
     __syncthreads();
-    if (tid == 0 && t_ok) g[t] = E::from_float(thr::ce::grad_target_value(x_t, c));
+    if (tid == 0 && t_ok) g[t] = E::from_float(thr::grad_target_value(x_t, c));
   }
 }
 
