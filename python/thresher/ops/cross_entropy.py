@@ -124,29 +124,36 @@ def _reference_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
 # ----------------------------------------------------------------------------------------
 
 
-def _cpu_fwd(x, target, coef, grad_out, ii, eps, zl):
-    acc = _acc_dtype(x.dtype)
-    n, v = x.shape
-    loss = torch.empty(n, dtype=acc, device=x.device)
-    lse = torch.empty(n, dtype=acc, device=x.device)
-    if n:
-        _native.cpu_ext().ce_forward(
-            x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype], target.data_ptr(),
-            lse.data_ptr(), loss.data_ptr(), _native.ptr(grad_out if coef is not None else None),
-            grad_out.stride(0) if grad_out is not None else 0, _native.ptr(coef),
-            ii, eps, zl, _native.num_threads(),
-        )
-    return loss, lse
+def _native_kernels(ext, last_arg):
+    """Row kernels of a pybind11 extension (``thresher._C`` or ``thresher._C_cuda``): both
+    take raw pointers, strides and a dtype code; the CPU one ends with a thread count, the
+    CUDA one with the current stream (``last_arg(x)``)."""
 
+    def fwd(x, target, coef, grad_out, ii, eps, zl):
+        acc = _acc_dtype(x.dtype)
+        n, v = x.shape
+        loss = torch.empty(n, dtype=acc, device=x.device)
+        lse = torch.empty(n, dtype=acc, device=x.device)
+        if n:
+            grad = grad_out if coef is not None else None
+            ext().ce_forward(
+                x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype],
+                target.data_ptr(), lse.data_ptr(), loss.data_ptr(), _native.ptr(grad),
+                grad.stride(0) if grad is not None else 0, _native.ptr(coef), ii, eps, zl,
+                last_arg(x),
+            )
+        return loss, lse
 
-def _cpu_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
-    n, v = x.shape
-    if n:
-        _native.cpu_ext().ce_backward(
-            x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype], target.data_ptr(),
-            lse.data_ptr(), coef.data_ptr(), grad_out.data_ptr(), grad_out.stride(0),
-            ii, eps, zl, _native.num_threads(),
-        )
+    def bwd(x, target, lse, coef, grad_out, ii, eps, zl):
+        n, v = x.shape
+        if n:
+            ext().ce_backward(
+                x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype],
+                target.data_ptr(), lse.data_ptr(), coef.data_ptr(), grad_out.data_ptr(),
+                grad_out.stride(0), ii, eps, zl, last_arg(x),
+            )
+
+    return fwd, bwd
 
 
 def _triton_module():
@@ -168,30 +175,6 @@ def _triton_fwd(x, target, coef, grad_out, ii, eps, zl):
 def _triton_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
     if x.size(0):
         _triton_module().ce_backward(x, target, lse, coef, grad_out, ii, eps, zl)
-
-
-def _cuda_fwd(x, target, coef, grad_out, ii, eps, zl):
-    n, v = x.shape
-    loss = torch.empty(n, dtype=torch.float32, device=x.device)
-    lse = torch.empty(n, dtype=torch.float32, device=x.device)
-    if n:
-        _native.cuda_ext().ce_forward(
-            x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype], target.data_ptr(),
-            lse.data_ptr(), loss.data_ptr(), _native.ptr(grad_out if coef is not None else None),
-            grad_out.stride(0) if grad_out is not None else 0, _native.ptr(coef),
-            ii, eps, zl, torch.cuda.current_stream(x.device).cuda_stream,
-        )
-    return loss, lse
-
-
-def _cuda_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
-    n, v = x.shape
-    if n:
-        _native.cuda_ext().ce_backward(
-            x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype], target.data_ptr(),
-            lse.data_ptr(), coef.data_ptr(), grad_out.data_ptr(), grad_out.stride(0),
-            ii, eps, zl, torch.cuda.current_stream(x.device).cuda_stream,
-        )
 
 
 def _triton_available() -> str | None:
@@ -216,9 +199,9 @@ def _vocab_limit(vocab: int = 1, **_) -> str | None:
 
 _KERNELS = {
     "reference": (_reference_fwd, _reference_bwd),
-    "cpu": (_cpu_fwd, _cpu_bwd),
+    "cpu": _native_kernels(_native.cpu_ext, lambda x: _native.num_threads()),
     "triton": (_triton_fwd, _triton_bwd),
-    "cuda": (_cuda_fwd, _cuda_bwd),
+    "cuda": _native_kernels(_native.cuda_ext, lambda x: torch.cuda.current_stream(x.device).cuda_stream),
 }
 
 DISPATCH = Dispatcher(
