@@ -13,10 +13,7 @@ from ``torch.get_num_threads()`` on every call.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import importlib
-import sys
 import warnings
 from types import ModuleType
 
@@ -87,39 +84,3 @@ def num_threads() -> int:
 def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
-
-# --- fresh large CPU buffers -------------------------------------------------------------
-# A kernel that writes a freshly allocated (N, V) gradient first page-faults every page of
-# it: 500 MB is 128k faults of 4 KiB, each zeroing its page, and on this class of machine
-# that costs more than the kernel's own writes (~0.2 s vs ~0.05 s measured for 500 MB).
-# Linux's transparent huge pages (in "madvise" mode on most distributions) cut that to ~250
-# faults of 2 MiB when the range is advised MADV_HUGEPAGE before its first touch (~0.07 s).
-_MADV_HUGEPAGE = 14
-_HUGE = 1 << 21
-_HUGE_MIN_BYTES = 8 << 20
-_libc = None
-
-
-def _madvise_huge(t: torch.Tensor) -> None:
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        except OSError:
-            _libc = False
-    if not _libc:
-        return
-    start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-    end = (t.data_ptr() + t.numel() * t.element_size()) & ~(_HUGE - 1)
-    if end > start:  # advice only; an error (e.g. THP compiled out) changes nothing
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
-
-
-def empty_for_write(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty`` for a buffer a kernel is about to overwrite completely; large CPU
-    buffers get huge-page advice first (see above)."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if (t.device.type == "cpu" and sys.platform.startswith("linux")
-            and t.numel() * t.element_size() >= _HUGE_MIN_BYTES):
-        _madvise_huge(t)
-    return t

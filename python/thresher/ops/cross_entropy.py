@@ -225,8 +225,7 @@ DISPATCH = Dispatcher(
 def _ce_fwd_op(logits: Tensor, target: Tensor, grad_coef: Optional[Tensor], ignore_index: int,
                label_smoothing: float, z_loss: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     fwd, _ = _KERNELS[backend]
-    grad = _native.empty_for_write(logits.shape, logits.dtype, logits.device) \
-        if grad_coef is not None else logits.new_empty(0)
+    grad = logits.new_empty(logits.shape) if grad_coef is not None else logits.new_empty(0)
     loss, lse = fwd(logits, target, grad_coef, grad if grad_coef is not None else None,
                     ignore_index, label_smoothing, z_loss)
     return loss, lse, grad
@@ -245,7 +244,7 @@ def _(logits, target, grad_coef, ignore_index, label_smoothing, z_loss, backend)
 def _ce_bwd_op(logits: Tensor, target: Tensor, lse: Tensor, grad_coef: Tensor, ignore_index: int,
                label_smoothing: float, z_loss: float, backend: str) -> Tensor:
     _, bwd = _KERNELS[backend]
-    grad = _native.empty_for_write(logits.shape, logits.dtype, logits.device)
+    grad = logits.new_empty(logits.shape)
     bwd(logits, target, lse, grad_coef, grad, ignore_index, label_smoothing, z_loss)
     return grad
 
@@ -270,8 +269,7 @@ def _linear_logits(hidden_chunk, weight, bias, buf):
 
 
 def _chunk_buffer(hidden, weight, chunk_size):
-    return _native.empty_for_write((min(chunk_size, hidden.size(0)), weight.size(0)),
-                                   hidden.dtype, hidden.device)
+    return hidden.new_empty((min(chunk_size, hidden.size(0)), weight.size(0)))
 
 
 def _linear_grads(z, h, weight, s, e, gh, gw, gb, needs):
