@@ -40,6 +40,7 @@ graph is kept functional: forward and backward are separate custom ops.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -162,19 +163,27 @@ def _triton_module():
     return k
 
 
+def _on_device(x):
+    """Triton launches on the current CUDA device: make it the tensors' device (multi-GPU
+    processes where another device is current). A no-op on CPU (interpreter tests)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _triton_fwd(x, target, coef, grad_out, ii, eps, zl):
     n = x.size(0)
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
     if n:
-        _triton_module().ce_forward(x, target, lse, loss, grad_out if coef is not None else None,
-                                    coef, ii, eps, zl)
+        with _on_device(x):
+            _triton_module().ce_forward(x, target, lse, loss,
+                                        grad_out if coef is not None else None, coef, ii, eps, zl)
     return loss, lse
 
 
 def _triton_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
     if x.size(0):
-        _triton_module().ce_backward(x, target, lse, coef, grad_out, ii, eps, zl)
+        with _on_device(x):
+            _triton_module().ce_backward(x, target, lse, coef, grad_out, ii, eps, zl)
 
 
 def _triton_available() -> str | None:
