@@ -21,6 +21,10 @@ void ce_backward_cuda(uintptr_t logits, long N, long V, long row_stride, int dty
                       uintptr_t stream);
 std::string cuda_runtime_status();
 
+// Later op families bind their launchers in csrc/cuda/<family>_bind.cpp (host C++).
+void register_lowrank_cuda(py::module_& m);   // lowrank_bind.cpp
+void register_compress_cuda(py::module_& m);  // compress_bind.cpp
+
 namespace {
 
 void ce_forward(uintptr_t logits, long n_rows, long vocab, long row_stride, int dtype,
@@ -63,4 +67,6 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("dtype"), py::arg("target"), py::arg("lse"), py::arg("coef"), py::arg("grad"),
         py::arg("grad_row_stride"), py::arg("ignore_index"), py::arg("label_smoothing"),
         py::arg("z_loss"), py::arg("stream"));
+  register_lowrank_cuda(m);
+  register_compress_cuda(m);
 }

@@ -1,0 +1,1 @@
+"""thresher.data: corpus readers/writers, tokenisation, packing and the embedded default corpus."""

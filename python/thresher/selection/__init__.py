@@ -1,0 +1,1 @@
+"""thresher.selection: scorers, selection strategies, BLISS, BLADE and the baselines."""
