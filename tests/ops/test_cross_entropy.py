@@ -383,6 +383,61 @@ def test_property_cpu_matches_reference(n, v, dtype, reduction, eps, zl, scale, 
 # ---------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------
+# overwrite_logits=True: the gradient is written over the logits (sum/mean, eager)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_overwrite_logits_matches_truth_and_holds_gradient(backend, dtype, reduction):
+    x, t, sw, tw = make_case(3, 5, 37, dtype, seed=7)
+    fn = lambda *a, **k: thresher.weighted_cross_entropy(*a, backend=backend, **k)  # noqa: E731
+    plain = x.detach().clone().requires_grad_()
+    loss_ref = fn(plain, t, sample_weight=sw, token_weight=tw, reduction=reduction,
+                  label_smoothing=0.1, z_loss=1e-3)
+    (g_ref,) = torch.autograd.grad(loss_ref, plain)
+
+    logits = x.detach().clone().requires_grad_()
+    loss = fn(logits, t, sample_weight=sw, token_weight=tw, reduction=reduction,
+              label_smoothing=0.1, z_loss=1e-3, overwrite_logits=True)
+    assert torch.equal(loss.detach(), loss_ref.detach())
+    # the forward already wrote the (upstream = 1) gradient over the logits
+    assert torch.equal(logits.detach(), g_ref)
+    (g,) = torch.autograd.grad(loss * 2.5, logits)  # upstream != 1 scales it in place
+    torch.testing.assert_close(g, g_ref * 2.5, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    # and against float64 truth, like every other path
+    check_against_truth(
+        lambda *a, **k: fn(*a, overwrite_logits=True, **k), x, t, sw, tw, reduction, 0.1,
+        1e-3, dtype)
+
+
+def test_overwrite_logits_refuses_a_graph_that_saved_the_logits():
+    h = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    logits = torch.exp(h)  # exp saves its output for backward
+    t = torch.randint(0, 9, (4,))
+    loss = thresher.weighted_cross_entropy(logits, t, overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_overwrite_logits_second_backward_raises():
+    logits = torch.randn(4, 9, requires_grad=True)
+    loss = thresher.weighted_cross_entropy(logits, torch.randint(0, 9, (4,)),
+                                           overwrite_logits=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward can run only once"):
+        loss.backward()
+
+
+def test_overwrite_logits_without_grad_leaves_logits_alone():
+    logits = torch.randn(4, 9)
+    before = logits.clone()
+    thresher.weighted_cross_entropy(logits, torch.randint(0, 9, (4,)), overwrite_logits=True)
+    assert torch.equal(logits, before)
+
+
 def _opcheck_inputs():
     g = torch.Generator().manual_seed(7)
     x = torch.randn(5, 13, generator=g)
@@ -400,6 +455,8 @@ def test_opcheck(backend):
         (torch.ops.thresher.weighted_ce_fwd.default, (x, t, coef, -100, 0.1, 0.01, backend)),
         (torch.ops.thresher.weighted_ce_fwd.default, (x, t, None, -100, 0.0, 0.0, backend)),
         (torch.ops.thresher.weighted_ce_bwd.default, (x, t, lse, coef, -100, 0.1, 0.01, backend)),
+        (torch.ops.thresher.weighted_ce_fwd_overwrite.default,
+         (x.clone(), t, coef, -100, 0.1, 0.01, backend)),
         (torch.ops.thresher.linear_weighted_ce_fwd.default,
          (h, w, b, t, coef, [True, True, True], -100, 0.1, 0.0, 2, backend)),
         (torch.ops.thresher.linear_weighted_ce_bwd.default,
@@ -522,6 +579,9 @@ X, T = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
         (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0.0, 1.0\]"),
         (dict(z_loss=-1.0), ValueError, "z_loss must be in"),
         (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (dict(overwrite_logits=1), TypeError, "overwrite_logits must be a bool"),
+        (dict(overwrite_logits=True, reduction="sample"), ValueError,
+         "overwrite_logits=True needs reduction 'sum' or 'mean'"),
     ],
 )
 def test_bad_input_weighted(kwargs, exc, match):
