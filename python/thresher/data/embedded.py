@@ -1,0 +1,322 @@
+"""The embedded default corpus: built at run time from text every Python installation has,
+so the main job runs on a fresh machine with no download.
+
+Clean text comes from three sources of the running Python:
+
+* ``topic``: the ``pydoc_data.topics`` help topics (the language reference in prose),
+* ``docstring``: docstrings of standard-library modules, classes and functions, read from
+  the source with ``ast`` (nothing is imported),
+* ``code``: the standard-library source itself, cut at top-level definitions.
+
+A *unit* is one topic or one module file. Units are shuffled with the seed and assigned
+whole to the target split or to the pool, so target documents are held out: no chunk of a
+target module or topic is in the pool. Both splits draw from the same mix of sources, so
+the clean pool documents resemble the target distribution. Then a fraction of the pool
+(``corrupt_fraction``, default 0.5) is corrupted, each document by one kind, in equal
+shares:
+
+* ``shuffled``: its words in random order (same vocabulary, no syntax),
+* ``char_noise``: 25% of its characters replaced by random printable characters,
+* ``repeated``: one to three of its lines repeated until the original length,
+* ``boilerplate``: web boilerplate (cookie banners, navigation, share buttons, legal text),
+* ``random_bytes``: random bytes shown as Latin-1 text.
+
+``Corpus.labels[i]`` is True for a corrupted pool document, ``Corpus.kinds[i]`` its kind
+("" when clean). Everything is deterministic from ``seed`` (numpy generators and sorted
+file lists; Python's salted ``hash`` is never used) for a given Python installation.
+
+Sizes: ``"quick"`` (1,500 pool / 300 target documents, ~1.7 MB of pool text) for fast
+demos and tests, ``"default"`` (5,000 / 1,000, ~5.5 MB); an integer asks for that many pool
+documents (target = pool / 5). Documents are 200--1,500 characters. At most a few
+documents are taken per unit and source (``MAX_DOCS_PER_UNIT``, times 3 for "default"),
+spread evenly over the unit, so many modules and topics contribute.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .documents import Document, write_documents
+
+__all__ = ["Corpus", "embedded_corpus", "CORRUPTION_KINDS", "EMBEDDED_SIZES"]
+
+# name -> (pool documents, target documents, per-unit cap multiplier)
+EMBEDDED_SIZES = {"quick": (1500, 300, 1), "default": (5000, 1000, 3)}
+CORRUPTION_KINDS = ("shuffled", "char_noise", "repeated", "boilerplate", "random_bytes")
+MAX_CHARS, MIN_CHARS = 1500, 200
+# documents kept per unit and source (evenly spread over the unit): no single big module
+# dominates, and prose (topics, docstrings) is about half of the clean text, not a minority
+MAX_DOCS_PER_UNIT = {"topic": 12, "docstring": 10, "code": 4}
+MAX_FILE_BYTES = 300_000
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages", "_bundled"}
+
+
+@dataclass
+class Corpus:
+    pool: list[Document]
+    target: list[Document]
+    labels: np.ndarray  # bool (len(pool),): True = corrupted
+    kinds: np.ndarray  # str (len(pool),): corruption kind or ""
+    sources: np.ndarray  # str (len(pool),): "topic" | "docstring" | "code"
+    seed: int = 0
+    size: str | int = "default"
+    info: dict = field(default_factory=dict)
+
+    def write(self, folder: str | os.PathLike) -> tuple[Path, Path]:
+        """pool.jsonl and target.jsonl (fields text, source, unit, kind, corrupted) in ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_documents(self.pool, folder / "pool.jsonl")
+        write_documents(self.target, folder / "target.jsonl")
+        return folder / "pool.jsonl", folder / "target.jsonl"
+
+
+# ----------------------------------------------------------------------------------------
+# clean text
+
+
+def _chunk(text: str, sep: str = "\n\n") -> list[str]:
+    """Greedy chunks of <= MAX_CHARS at ``sep`` boundaries (over-long pieces cut at lines,
+    then hard), dropping chunks shorter than MIN_CHARS."""
+    pieces: list[str] = []
+    for part in text.split(sep):
+        if len(part) <= MAX_CHARS:
+            pieces.append(part)
+            continue
+        line_buf = ""
+        for line in part.split("\n"):
+            while len(line) > MAX_CHARS:
+                pieces.append(line[:MAX_CHARS])
+                line = line[MAX_CHARS:]
+            if len(line_buf) + len(line) + 1 > MAX_CHARS:
+                pieces.append(line_buf)
+                line_buf = ""
+            line_buf = f"{line_buf}\n{line}" if line_buf else line
+        pieces.append(line_buf)
+    out, buf = [], ""
+    for p in pieces:
+        if buf and len(buf) + len(sep) + len(p) > MAX_CHARS:
+            out.append(buf)
+            buf = ""
+        buf = f"{buf}{sep}{p}" if buf else p
+    out.append(buf)
+    return [c.strip("\n") for c in out if len(c.strip()) >= MIN_CHARS]
+
+
+def _spread(docs: list[str], k: int) -> list[str]:
+    """At most k documents, evenly spaced over the unit (beginning, middle and end)."""
+    if len(docs) <= k:
+        return docs
+    return [docs[i] for i in np.linspace(0, len(docs) - 1, k).round().astype(int)]
+
+
+def _stdlib_files() -> list[tuple[str, Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.endswith(".py") or f.startswith("test_") or f.startswith("."):
+                continue
+            path = Path(dirpath) / f
+            try:
+                if path.stat().st_size > MAX_FILE_BYTES:
+                    continue
+            except OSError:
+                continue
+            files.append((path.relative_to(root).as_posix(), path))
+    return files
+
+
+def _docstring_text(tree: ast.Module, name: str) -> str:
+    entries = []
+    doc = ast.get_docstring(tree)
+    if doc:
+        entries.append(f"Module {name}\n\n{doc}")
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                qual = f"{prefix}{child.name}"
+                d = ast.get_docstring(child)
+                if d:
+                    if isinstance(child, ast.ClassDef):
+                        head = f"class {qual}"
+                    else:
+                        head = f"def {qual}({ast.unparse(child.args)})"
+                    entries.append(f"{head}\n    {d}")
+                if isinstance(child, ast.ClassDef):
+                    visit(child, qual + ".")
+
+    visit(tree, "")
+    return "\n\n".join(entries)
+
+
+def _code_chunks(source: str) -> list[str]:
+    """Top-level blocks (a new block at a column-0 def/class/decorator) grouped to <= MAX_CHARS."""
+    blocks, cur = [], []
+    for line in source.split("\n"):
+        if line.startswith(("def ", "class ", "async def ", "@")) and cur and not cur[-1].startswith("@"):
+            blocks.append("\n".join(cur))
+            cur = []
+        cur.append(line)
+    blocks.append("\n".join(cur))
+    return _chunk("\n\n\n".join(b.strip("\n") for b in blocks), sep="\n\n\n")
+
+
+def _unit_docs(unit: tuple, scale: int) -> list[tuple[str, str]]:
+    """(source, text) documents of one unit, at most ``scale * MAX_DOCS_PER_UNIT[source]``."""
+    kind, name, payload = unit
+    cap = {k: scale * v for k, v in MAX_DOCS_PER_UNIT.items()}
+    if kind == "topic":
+        return [("topic", t) for t in _spread(_chunk(payload), cap["topic"])]
+    try:
+        source = payload.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return []
+    module = name[:-3].replace("/", ".").removesuffix(".__init__")
+    docs = [("docstring", t) for t in _spread(_chunk(_docstring_text(tree, module)), cap["docstring"])]
+    docs += [("code", t) for t in _spread(_code_chunks(source), cap["code"])]
+    return docs
+
+
+def _units(rng: np.random.Generator) -> Iterator[tuple]:
+    from pydoc_data.topics import topics
+
+    units = [("topic", k, topics[k]) for k in sorted(topics)]
+    units += [("module", rel, path) for rel, path in _stdlib_files()]
+    for i in rng.permutation(len(units)):
+        yield units[int(i)]
+
+
+# ----------------------------------------------------------------------------------------
+# corruption
+
+_PRINTABLE = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                           "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ "))
+_BOILERPLATE = (
+    "We use cookies to improve your experience. By continuing to browse you agree to our use of cookies.",
+    "Accept all cookies | Manage preferences | Reject non-essential",
+    "Home | About us | Products | Services | Blog | Careers | Contact",
+    "Share on Facebook  Share on Twitter  Share on LinkedIn  Email this page",
+    "Subscribe to our newsletter to get the latest deals delivered straight to your inbox!",
+    "Click here to download the free trial. No credit card required.",
+    "Copyright (c) {year} All rights reserved. Terms of Use | Privacy Policy | Sitemap",
+    "Page {n} of {m}   < Previous   Next >",
+    "Sign in  |  Register  |  Forgot your password?",
+    "Sponsored content: You won't believe what happened next. Read more >>",
+    "Loading... please wait. If the page does not load, click here to refresh.",
+    "Related posts: Top 10 tips  |  Best offers of {year}  |  Customer reviews ({n})",
+    "This site is protected by reCAPTCHA and the Google Privacy Policy and Terms of Service apply.",
+    "Add to cart  -  Buy now  -  Free shipping on orders over ${n}",
+    "Skip to main content  Skip to navigation  Accessibility statement",
+)
+
+
+def _corrupt(text: str, kind: str, rng: np.random.Generator) -> str:
+    n = len(text)
+    if kind == "shuffled":
+        words = text.split()
+        rng.shuffle(words)
+        lines = [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
+        return "\n".join(lines)
+    if kind == "char_noise":
+        chars = np.array(list(text))
+        hit = rng.random(n) < 0.25
+        chars[hit] = _PRINTABLE[rng.integers(0, len(_PRINTABLE), int(hit.sum()))]
+        return "".join(chars.tolist())
+    if kind == "repeated":
+        lines = [ln for ln in text.split("\n") if ln.strip()] or [text]
+        pick = [lines[int(i)] for i in rng.choice(len(lines), size=min(len(lines), int(rng.integers(1, 4))), replace=False)]
+        out, i = [], 0
+        while sum(map(len, out)) + len(out) < n:
+            out.append(pick[i % len(pick)])
+            i += 1
+        return "\n".join(out)
+    if kind == "boilerplate":
+        out = []
+        while sum(map(len, out)) + len(out) < n:
+            line = _BOILERPLATE[int(rng.integers(len(_BOILERPLATE)))]
+            out.append(line.format(year=int(rng.integers(1998, 2026)), n=int(rng.integers(2, 500)),
+                                   m=int(rng.integers(500, 999))))
+        return "\n".join(out)
+    if kind == "random_bytes":
+        # printable Latin-1 (no C0/C1 control characters) with a line break every ~80
+        b = rng.integers(32, 256 - 32, size=n)
+        b = np.where(b >= 127, b + 33, b)  # skip 127..159
+        b[rng.random(n) < 1 / 80] = 10
+        return bytes(b.astype(np.uint8).tolist()).decode("latin-1")
+    raise ValueError(f"kind must be one of {CORRUPTION_KINDS}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def embedded_corpus(seed: int = 0, size: str | int = "default", *, corrupt_fraction: float = 0.5) -> Corpus:
+    """Build the embedded corpus (see the module doc). Deterministic from ``seed``."""
+    if isinstance(size, str):
+        if size not in EMBEDDED_SIZES:
+            raise ValueError(f"size must be one of {tuple(EMBEDDED_SIZES)} or an integer, got {size!r}")
+        n_pool, n_target, scale = EMBEDDED_SIZES[size]
+    elif isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size >= 10:
+        n_pool, n_target = int(size), max(2, int(size) // 5)
+        scale = -(-(n_pool + n_target) // 3000)
+    else:
+        raise ValueError(f"size must be one of {tuple(EMBEDDED_SIZES)} or an integer >= 10, got {size!r}")
+    if not isinstance(corrupt_fraction, (int, float)) or not 0.0 <= corrupt_fraction < 1.0:
+        raise ValueError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    rng = np.random.default_rng([int(seed), 0x7E5])
+    target_share = n_target / (n_pool + n_target)
+    pool_raw: list[tuple[str, str, str]] = []  # (source, unit, text)
+    target_raw: list[tuple[str, str, str]] = []
+    units_seen = {"pool": 0, "target": 0}
+    for unit in _units(rng):
+        if len(pool_raw) >= n_pool and len(target_raw) >= n_target:
+            break
+        to_target = rng.random() < target_share
+        if to_target and len(target_raw) >= n_target:
+            to_target = False
+        if not to_target and len(pool_raw) >= n_pool:
+            to_target = True
+        docs = _unit_docs(unit, scale)
+        if not docs:
+            continue
+        dest = target_raw if to_target else pool_raw
+        units_seen["target" if to_target else "pool"] += 1
+        dest.extend((src, f"{unit[0]}:{unit[1]}", text) for src, text in docs)
+    pool_raw, target_raw = pool_raw[:n_pool], target_raw[:n_target]
+    if len(pool_raw) < n_pool or len(target_raw) < n_target:
+        raise ValueError(
+            f"this Python installation yields only {len(pool_raw)} pool / {len(target_raw)} target "
+            f"documents, fewer than size={size!r} asks ({n_pool} / {n_target}); pass a smaller size"
+        )
+
+    # shuffle the pool so corrupted and clean documents interleave, then corrupt a share
+    order = rng.permutation(len(pool_raw))
+    pool_raw = [pool_raw[int(i)] for i in order]
+    n_bad = int(round(corrupt_fraction * len(pool_raw)))
+    bad = rng.permutation(len(pool_raw))[:n_bad]
+    kinds = np.full(len(pool_raw), "", dtype=object)
+    for j, i in enumerate(bad):
+        kinds[int(i)] = CORRUPTION_KINDS[j % len(CORRUPTION_KINDS)]
+    pool, sources = [], []
+    for i, (src, unit, text) in enumerate(pool_raw):
+        kind = kinds[i]
+        if kind:
+            text = _corrupt(text, kind, rng)
+        pool.append(Document(i, text, {"source": src, "unit": unit, "kind": kind, "corrupted": bool(kind)}))
+        sources.append(src)
+    target = [Document(i, text, {"source": src, "unit": unit}) for i, (src, unit, text) in enumerate(target_raw)]
+    info = {"units": units_seen, "pool_chars": sum(len(d.text) for d in pool),
+            "target_chars": sum(len(d.text) for d in target), "corrupt_fraction": corrupt_fraction}
+    return Corpus(pool, target, kinds.astype(str) != "", kinds.astype(str), np.array(sources, dtype=str),
+                  int(seed), size, info)
