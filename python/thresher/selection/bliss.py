@@ -1,0 +1,426 @@
+"""BLISS -- bilevel influence scoring (Hao et al., arXiv 2510.06048), ALGORITHMS.md §1.
+
+A score model theta_s gives each sample s_i in (0,1); P = softmax(s) over the batch weights a
+proxy LM's lower-level loss ``g(theta_p) = sum_i P_i l_i + gamma KL(target || proxy) +
+lam ||theta_p||^2``; the score model is trained so that the proxy trained on the weighted data
+does well on the target (validation) set. One outer step:
+
+1. ``inner_steps`` AdamW steps on the proxy with ``g``;
+2. ``F = grad L_val(theta_p)`` on a validation batch;
+3. ``z ~ (H + lambda_z I)^-1 F`` by ``z_loops`` iterations of ``z <- z - lr_z (H z - F +
+   lambda_z z)`` from z = 0, H z by double backward of ``g`` (one graph, reused);
+4. ``gz_i = <grad l_i, z>`` for the whole batch in ONE forward-mode JVP of the per-sample loss
+   vector along z (``torch.func.jvp`` + ``functional_call``): one forward pass carrying a
+   tangent, instead of B backward passes;
+5. ``dL/ds_j = -P_j (gz_j - sum_k P_k gz_k)`` (implicit function theorem: dtheta*/dP_j =
+   -H^-1 grad l_j, so dL_val/dP_j = -gz_j; then the softmax Jacobian), backpropagated through
+   the score model, clipped, AdamW step on theta_s.
+
+:func:`bliss_hypergradient` is steps 3-5 for *any* per-sample loss function of a parameter
+dict (the tests run it on ridge regression, whose exact hypergradient has a closed form).
+
+Our choices (documented options; the paper's value in brackets):
+
+- ``inner_fresh_batches=True``: each inner step draws a fresh pool batch weighted by the
+  current score model (no grad), and the hypergradient uses one more fresh batch; the lower
+  level is the weighted loss over the whole pool, so re-using one batch for all inner steps
+  would fit the proxy to 32 samples.
+- CPU-scale defaults: proxy/score model a small GPT, ``proxy_lr = 1e-3`` and ``score_lr =
+  1e-3`` [1e-5 for Pythia-160M: a 0.1M-parameter model from scratch needs larger steps];
+  ``lr_z = 1.0`` [1e-2]: with a token-mean loss the Hessian's top eigenvalues of a tiny LM
+  are O(1), so 3 steps of 1e-2 leave z ~ 0.03 F -- in direction just the first-order
+  gradient alignment; 1.0 makes the 3 loops a real (if truncated) Neumann series;
+  ``warmup_steps = 100``, ``outer_steps = 60``, ``batch_size = 32``. inner_steps 5,
+  z_loops 3, lambda_z 1e-2, lam 1e-7, betas (0.9, 0.95), weight decay 0.1, clip 1.0 as the
+  paper.
+- Scores are ``s`` in (0, 1) (sigmoid), as the paper: ``softmax(s)`` then bounds the weight
+  ratio inside a batch by e.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from thresher.models.gpt import ScoreModel
+
+from .base import Scorer, check_samples, load_checkpoint, make_adamw, make_lm, register_scorer, \
+    save_checkpoint, train_lm
+
+__all__ = ["BlissConfig", "BlissScorer", "bliss_hypergradient", "batched_directional_derivative",
+           "kl_to_target"]
+
+
+# ----------------------------------------------------------------------------------------
+# The hypergradient (generic)
+# ----------------------------------------------------------------------------------------
+
+
+def batched_directional_derivative(sample_loss: Callable[[dict], Tensor], params: dict,
+                                   direction: dict) -> tuple[Tensor, Tensor]:
+    """``(l, gz)`` with ``l = sample_loss(params)`` (B,) and ``gz_i = <grad_params l_i,
+    direction>`` for every i in one forward-mode pass: the JVP of the per-sample loss vector
+    along ``direction``. Memory: one forward's activations plus one tangent per activation
+    (about 2x a forward), versus B backward passes for the per-sample loop."""
+    primals = {k: v.detach() for k, v in params.items()}
+    tangents = {k: direction[k].detach().to(v.dtype) for k, v in primals.items()}
+    return jvp(sample_loss, (primals,), (tangents,))
+
+
+def bliss_hypergradient(sample_loss: Callable[[dict], Tensor], params: dict, weights: Tensor,
+                        val_grad: dict, *, z_loops: int = 3, lr_z: float = 1e-2,
+                        lambda_z: float = 1e-2, reg: float = 0.0,
+                        extra_lower: Callable[[dict], Tensor] | None = None):
+    """Hypergradient of the validation loss w.r.t. the scores s of one batch (P = softmax(s)
+    = ``weights``, detached) at the current lower-level parameters ``params``.
+
+    ``sample_loss(params) -> (B,)`` must be built from differentiable, ``torch.func``-able ops
+    (e.g. ``GPT.loss(..., backend="torch")`` under ``functional_call``). Returns
+    ``(grad_s (B,), gz (B,), z dict)``.
+    """
+    if z_loops < 1:
+        raise ValueError(f"z_loops must be >= 1, got {z_loops}")
+    P = weights.detach()
+    names = list(params)
+    p = {k: params[k].detach().requires_grad_(True) for k in names}
+    F = [val_grad[k].detach() for k in names]
+    # z_1 = lr_z F (the z = 0 Hessian product is zero): no graph needed for one loop
+    z = [lr_z * f for f in F]
+    if z_loops > 1:
+        g = (P.to(torch.float64) * sample_loss(p).to(torch.float64)).sum()
+        if extra_lower is not None:
+            g = g + extra_lower(p)
+        if reg:
+            g = g + reg * sum((v * v).sum() for v in p.values())
+        grads = torch.autograd.grad(g, [p[k] for k in names], create_graph=True)
+        for it in range(1, z_loops):
+            Hz = torch.autograd.grad(grads, [p[k] for k in names], grad_outputs=z,
+                                     retain_graph=it < z_loops - 1)
+            z = [zi - lr_z * (hzi - fi + lambda_z * zi) for zi, hzi, fi in zip(z, Hz, F)]
+        del grads, g
+    zd = dict(zip(names, z))
+    _, gz = batched_directional_derivative(sample_loss, p, zd)
+    gz = gz.detach().to(P.dtype)
+    grad_s = -P * (gz - (P * gz).sum())
+    return grad_s, gz, zd
+
+
+def kl_to_target(proxy_logits: Tensor, target_logits: Tensor, mask: Tensor) -> Tensor:
+    """Token-mean KL(target || proxy) over the positions where ``mask`` is true."""
+    lt = torch.log_softmax(target_logits.float(), -1)
+    lp = torch.log_softmax(proxy_logits.float(), -1)
+    kl = (lt.exp() * (lt - lp)).sum(-1)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Scorer
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlissConfig:
+    model: object = field(default_factory=lambda: dict(d_model=64, n_layers=2, n_heads=2))
+    warmup_steps: int = 100
+    warmup_lr: float = 1e-3
+    outer_steps: int = 60
+    inner_steps: int = 5
+    batch_size: int = 32
+    val_batch_size: int = 32
+    z_loops: int = 3
+    lr_z: float = 1.0
+    lambda_z: float = 1e-2
+    gamma: float = 0.0
+    reg: float = 1e-7
+    proxy_lr: float = 1e-3
+    score_lr: float = 1e-3
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    inner_fresh_batches: bool = True
+    checkpoint_every: int = 10
+
+    def __post_init__(self):
+        for k in ("warmup_steps", "outer_steps", "inner_steps", "batch_size", "val_batch_size",
+                  "z_loops", "checkpoint_every"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k in (
+                    "warmup_steps", "outer_steps", "inner_steps") else 1):
+                raise ValueError(f"BLISS option {k} must be a non-negative int "
+                                 f"(positive for sizes/loops), got {v!r}")
+        for k in ("lr_z", "lambda_z", "gamma", "reg", "proxy_lr", "score_lr", "clip"):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"BLISS option {k} must be a finite number >= 0, got {v!r}")
+
+
+class _SampleLoss(nn.Module):
+    """``functional_call`` target: the per-sample loss vector of ``lm`` on a fixed batch,
+    through the twice-differentiable, torch.func-compatible loss."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, labels):
+        return self.lm.loss(ids, labels, reduction="sample", backend="torch")
+
+
+def _ntok(labels):
+    return (labels[:, 1:] != -100).sum(1).clamp_min(1).to(torch.float32)
+
+
+@register_scorer("bliss")
+class BlissScorer(Scorer):
+    """Options: the fields of :class:`BlissConfig`, plus ``target_model`` (an LM with the
+    loss API to distil from when gamma > 0). ``fit`` runs the warm-up and the outer loop
+    with atomic checkpoints every ``checkpoint_every`` outer steps; ``resume=True``
+    continues bit-identically (RNG, optimizers and models are in the checkpoint).
+    :meth:`fit_rounds` is the multi-round mode."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        opts = dict(self.options)
+        self.target_model = opts.pop("target_model", None)
+        names = {f.name for f in dataclasses.fields(BlissConfig)}
+        bad = sorted(set(opts) - names)
+        if bad:
+            raise ValueError(f"unknown option(s) {bad} for method 'bliss'; expected some of "
+                             f"{sorted(names | {'target_model'})}")
+        self.cfg = BlissConfig(**opts)
+        self.history: list[dict] = []
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _build(self, seq_len):
+        c = self.cfg
+        self.proxy = make_lm(c.model, vocab_size=self.vocab_size, seq_len=seq_len,
+                             seed=self.seed, device=self.device)
+        self.gen = torch.Generator().manual_seed(self.seed + 1)
+        self.step = 0
+
+    def _new_proxy_opt(self):
+        c = self.cfg
+        return make_adamw(self.proxy.parameters(), lr=c.proxy_lr, betas=c.betas,
+                          weight_decay=c.weight_decay)
+
+    def _state(self, phase):
+        return {"phase": phase, "step": self.step, "round": getattr(self, "round", 0),
+                "proxy": self.proxy.state_dict(), "proxy_opt": self.proxy_opt.state_dict(),
+                "warm_proxy": self.warm_state, "score": self.score_model.state_dict(),
+                "score_opt": self.score_opt.state_dict(), "gen": self.gen.get_state(),
+                "history": [dict(h) for h in self.history],
+                "target_model": (self.target_model.state_dict()
+                                 if self.target_model is not None else None)}
+
+    def _load_state(self, st):
+        self.step, self.round = int(st["step"]), int(st["round"])
+        self.warm_state = st["warm_proxy"]
+        self.proxy.load_state_dict(st["proxy"])
+        self.proxy_opt.load_state_dict(st["proxy_opt"])
+        self.score_model.load_state_dict(st["score"])
+        self.score_opt.load_state_dict(st["score_opt"])
+        self.gen.set_state(st["gen"])
+        self.history = list(st["history"])
+        if st["target_model"] is not None and self.target_model is not None:
+            self.target_model.load_state_dict(st["target_model"])
+
+    def _ckpt_path(self):
+        return None if self._ckpt_dir is None else self._ckpt_dir / "bliss.pt"
+
+    def _save(self, phase):
+        if self._ckpt_dir is not None:
+            save_checkpoint(self._state(phase), self._ckpt_path())
+
+    # -- the algorithm ----------------------------------------------------------------------
+
+    def _batch(self, samples, n):
+        ids, labels = samples.input_ids, samples.labels
+        idx = torch.randint(0, ids.size(0), (min(n, ids.size(0)),), generator=self.gen)
+        return ids[idx].to(self.device), labels[idx].to(self.device)
+
+    def _lower_loss(self, ids, labels, P, *, params=None):
+        """sum_i P_i l_i (+ gamma KL + reg ||theta||^2) for the inner steps, through the fused
+        op: sample_weight P_i / n_i with a token sum = sum_i P_i (token-mean l_i)."""
+        c = self.cfg
+        loss = self.proxy.loss(ids, labels, reduction="sum", sample_weight=P / _ntok(labels))
+        if c.gamma and self.target_model is not None:
+            loss = loss + c.gamma * self._kl(self.proxy, ids, labels)
+        if c.reg:
+            loss = loss + c.reg * sum((p * p).sum() for p in self.proxy.parameters())
+        return loss
+
+    def _kl(self, lm, ids, labels):
+        with torch.no_grad():
+            tl = torch.nn.functional.linear(self.target_model(ids), self.target_model.lm_weight,
+                                            self.target_model.lm_bias)
+        from thresher.models.gpt import _math_attention
+
+        with _math_attention():
+            pl = torch.nn.functional.linear(lm(ids), lm.lm_weight, lm.lm_bias)
+        return kl_to_target(pl, tl, labels != -100)
+
+    def _weights(self, ids, labels, grad=False):
+        with torch.set_grad_enabled(grad):
+            s = self.score_model(ids, labels)
+        return s, torch.softmax(s.float(), 0)
+
+    def _outer_step(self, pool, target):
+        c = self.cfg
+        self.proxy.train()
+        ids, labels = self._batch(pool, c.batch_size)
+        for k in range(c.inner_steps):
+            if c.inner_fresh_batches and k:
+                ids, labels = self._batch(pool, c.batch_size)
+            _, P = self._weights(ids, labels)
+            loss = self._lower_loss(ids, labels, P.detach())
+            self.proxy_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.clip:
+                torch.nn.utils.clip_grad_norm_(self.proxy.parameters(), c.clip)
+            self.proxy_opt.step()
+        if c.inner_fresh_batches:
+            ids, labels = self._batch(pool, c.batch_size)
+        vids, vlabels = self._batch(target, c.val_batch_size)
+        params = dict(self.proxy.named_parameters())
+        val_loss = self.proxy.loss(vids, vlabels)
+        F = dict(zip(params, torch.autograd.grad(val_loss, list(params.values()))))
+        s, P = self._weights(ids, labels, grad=True)
+        wrapper = _SampleLoss(self.proxy)
+        extra = None
+        if c.gamma and self.target_model is not None:
+            def extra(p):
+                return c.gamma * functional_call(
+                    _KLCall(self), {"lm." + k: v for k, v in p.items()}, (ids, labels))
+        grad_s, gz, _ = bliss_hypergradient(
+            lambda p: functional_call(wrapper, {"lm." + k: v for k, v in p.items()}, (ids, labels)),
+            params, P, F, z_loops=c.z_loops, lr_z=c.lr_z, lambda_z=c.lambda_z, reg=c.reg,
+            extra_lower=extra)
+        self.score_opt.zero_grad(set_to_none=True)
+        s.backward(grad_s.to(s.dtype))
+        if c.clip:
+            torch.nn.utils.clip_grad_norm_(self.score_model.parameters(), c.clip)
+        self.score_opt.step()
+        self.step += 1
+        self.history.append({"step": self.step, "val_loss": float(val_loss.detach()),
+                             "gz_std": float(gz.std()), "s_std": float(s.detach().std())})
+
+    def _warmup(self, pool, progress):
+        c = self.cfg
+        train_lm(self.proxy, pool, steps=c.warmup_steps, batch_size=c.batch_size, lr=c.warmup_lr,
+                 weight_decay=c.weight_decay, seed=self.seed + 2, clip=c.clip, progress=progress,
+                 desc="bliss: proxy warm-up", device=self.device)
+        self.warm_state = {k: v.clone() for k, v in self.proxy.state_dict().items()}
+
+    def _reset_proxy(self):
+        self.proxy.load_state_dict(self.warm_state)
+        self.proxy_opt = self._new_proxy_opt()
+
+    def _fit(self, pool, target, progress):
+        self._run_round(pool, target, progress, first=True)
+
+    def _run_round(self, pool, target, progress, *, first):
+        """Warm-up (first round) or proxy reset (later rounds), then the outer loop on
+        ``pool``; resumes from the checkpoint when asked and one exists."""
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        st = load_checkpoint(self._ckpt_path()) if (self._resume and self._ckpt_path()) else None
+        if first:
+            self._build(pool.input_ids.size(1))
+            self.round = 0
+            if st is None:
+                self._warmup(pool, progress)
+                self.score_model = ScoreModel.from_backbone(self.proxy)
+                self.score_opt = make_adamw(self.score_model.parameters(), lr=c.score_lr,
+                                            betas=c.betas, weight_decay=c.weight_decay)
+                self.proxy_opt = self._new_proxy_opt()
+                self._save("outer")
+            else:
+                self.score_model = ScoreModel(self.proxy.config).to(self.device)
+                self.score_opt = make_adamw(self.score_model.parameters(), lr=c.score_lr,
+                                            betas=c.betas, weight_decay=c.weight_decay)
+                self.proxy_opt = self._new_proxy_opt()
+                self._load_state(st)
+        bar = tqdm(total=c.outer_steps, initial=self.step, desc="bliss: outer", disable=not progress,
+                   leave=False)
+        while self.step < c.outer_steps:
+            self._outer_step(pool, target)
+            bar.update(1)
+            if self.step % c.checkpoint_every == 0 or self.step == c.outer_steps:
+                self._save("outer")
+        bar.close()
+
+    def fit_rounds(self, shards, target, *, fraction: float = 0.2,
+                   train_target: Callable | None = None, select: Callable | None = None,
+                   checkpoint_dir=None, resume=False, progress=True) -> list[np.ndarray]:
+        """Multi-round BLISS. Round r: the proxy resets to its warm-up checkpoint (a fresh
+        optimizer), the score model carries over, the outer loop runs on ``shards[r]`` (with
+        KL to ``target_model`` if gamma > 0), the shard is scored and its top ``fraction``
+        selected, and ``train_target(selected_samples)`` (e.g. a few steps of the target LM)
+        runs before the next round. ``select(scores, fraction) -> sorted indices`` defaults
+        to ``strategies.select_topk``. Returns the selected indices of each shard."""
+        if not shards:
+            raise ValueError("shards must hold at least one Samples")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if select is None:
+            from thresher.selection.strategies import select_topk as select
+
+        out = []
+        for r, shard in enumerate(shards):
+            check_samples(f"shards[{r}]", shard)
+            sub = None if checkpoint_dir is None else f"{checkpoint_dir}/round{r}"
+            self._ckpt_dir = None if sub is None else Path(sub)
+            self._resume = bool(resume)
+            if r == 0:
+                self._run_round(shard, target, progress, first=True)
+            else:
+                st = load_checkpoint(self._ckpt_path()) if (resume and sub) else None
+                if st is not None:
+                    self._load_state(st)
+                else:
+                    self._reset_proxy()
+                    self.step, self.round = 0, r
+                self._run_round(shard, target, progress, first=False)
+            self._fitted = True
+            idx = np.asarray(select(self.score(shard), fraction))
+            out.append(idx)
+            if train_target is not None:
+                train_target(shard[idx])
+        return out
+
+    @torch.no_grad()
+    def _score(self, samples, batch_size, progress):
+        from tqdm.auto import tqdm
+
+        ids, labels = samples.input_ids, samples.labels
+        self.score_model.eval()
+        out = np.empty(ids.size(0), dtype=np.float32)
+        for s in tqdm(range(0, ids.size(0), batch_size), desc="bliss: score",
+                      disable=not progress, leave=False):
+            e = min(ids.size(0), s + batch_size)
+            # the logit, not the sigmoid: same ranking, no saturation ties in float32
+            out[s:e] = self.score_model.logits(ids[s:e].to(self.device),
+                                               labels[s:e].to(self.device)).float().cpu().numpy()
+        return out
+
+
+class _KLCall(nn.Module):
+    """``functional_call`` target for the KL term inside the HVP graph."""
+
+    def __init__(self, scorer):
+        super().__init__()
+        self.lm = scorer.proxy
+        self._scorer = [scorer]  # not a submodule
+
+    def forward(self, ids, labels):
+        return self._scorer[0]._kl(self.lm, ids, labels)
