@@ -1,0 +1,137 @@
+"""BLADE: bi-level adaptive data selection, online (ALGORITHMS.md section 2).
+
+The bilevel objective is replaced by the penalised single-level one
+``min_alpha L_val(w) + lam [L_train(alpha, w) - L_train(alpha, theta)]``. ``L_train`` is linear
+in ``alpha``, so its gradient in ``alpha`` is minus the *excess loss*
+``e_i = l_i(theta) - l_i(w)``, and one memoryless randomised block-coordinate Frank-Wolfe step
+(the candidate batch is the random block, step size 1) is the linear-minimisation oracle over
+``{alpha in [0,1]^B, sum alpha = gamma B}``: **top-gamma B by e_i**. theta then trains on the
+alpha-weighted loss. The reference ``w`` is *dynamic*: every ``tau`` calls it is re-copied
+from theta and takes ``K = ref_steps`` AdamW steps on ``L_val(w) + lam L_train(alpha, w)``.
+
+Usage (any PyTorch loop; ``model`` has ``thresher.models.GPT``'s ``loss`` API)::
+
+    blade = BLADE(model, val_samples, gamma=0.6, tau=400, ref_steps=75, lam=1.0)
+    for input_ids, labels in loader:
+        alpha = blade.select(input_ids, labels)                     # (B,) 0/1
+        model.loss(input_ids, labels, sample_weight=alpha).backward()  # token_weight= at
+        opt.step(); opt.zero_grad()                                 # granularity="token"
+
+Choices (ALGORITHMS.md marks the paper's open details; these are ours, all options):
+
+* **When the reference syncs.** On calls ``0, tau, 2 tau, ...`` (0-based), *before* scoring
+  that call's batch, so the first batch is already scored against a fitted reference.
+* **Which alpha the reference fits.** ``L_train(alpha, w)`` uses the current candidate batch
+  with the alpha the oracle gives it under the *previous* reference (on the very first sync,
+  when there is none, ``alpha = 1``: the plain batch loss). The batch is then re-scored with
+  the fresh reference and that alpha is returned. Cost of a sync call: ``K`` forward+backward
+  passes on a validation batch and the candidate batch, plus one extra no-grad forward.
+* **Reference optimizer.** AdamW (``ref_lr``, ``ref_betas``, ``ref_weight_decay``, gradient
+  clipping ``ref_grad_clip``); its moments are reset at every sync by default
+  (``reset_ref_optimizer``) because ``w`` jumps to theta and old moments describe a
+  different point.
+* ``lam`` weighs the training term; ``lam = 0`` gives a reference fine-tuned on the target
+  only (a dynamic RHO-LOSS).
+
+Memory: one extra copy of the parameters (the reference) plus its AdamW moments, 3x the
+model's parameter bytes (4 MiB x 3 for a 1M-parameter fp32 GPT). Compute per call: two
+no-grad forwards on the candidate batch (``fwd_tokens``); per sync, ``K`` forward+backward
+passes over ``val_batch_size + B`` sequences (``fwdbwd_tokens``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .online import (
+    IGNORE_INDEX,
+    OnlineSelector,
+    ValStream,
+    check_int,
+    check_positive,
+    fit_reference,
+    make_reference,
+)
+
+__all__ = ["BLADE"]
+
+
+class BLADE(OnlineSelector):
+    """Online BLADE selector (see the module docstring).
+
+    Parameters: ``model`` (theta, trained by the caller), ``val_data`` (target-distribution
+    samples: ``thresher.data.Samples``, a (N, T) LongTensor or ``(input_ids, labels)``),
+    ``gamma`` kept fraction in (0, 1], ``tau`` calls between reference syncs (>= 1),
+    ``ref_steps`` K (>= 1), ``lam`` >= 0, ``granularity`` "sequence" | "token",
+    ``val_batch_size``, ``seed`` (the validation batch order)."""
+
+    name = "blade"
+
+    def __init__(self, model: nn.Module, val_data, *, gamma: float = 0.6, tau: int = 400,
+                 ref_steps: int = 75, lam: float = 1.0, granularity: str = "sequence",
+                 ref_lr: float = 3e-4, ref_betas: tuple[float, float] = (0.9, 0.95),
+                 ref_weight_decay: float = 0.0, ref_grad_clip: float = 1.0,
+                 reset_ref_optimizer: bool = True, val_batch_size: int = 16, seed: int = 0):
+        super().__init__(model, gamma=gamma, granularity=granularity)
+        self.tau = check_int("tau", tau, 1)
+        self.ref_steps = check_int("ref_steps", ref_steps, 1)
+        self.lam = check_positive("lam", lam, allow_zero=True)
+        self.ref_grad_clip = check_positive("ref_grad_clip", ref_grad_clip, allow_zero=True)
+        if not isinstance(reset_ref_optimizer, bool):
+            raise TypeError(f"reset_ref_optimizer must be a bool, got "
+                            f"{type(reset_ref_optimizer).__name__}")
+        self.reset_ref_optimizer = reset_ref_optimizer
+        self.val = ValStream(val_data, val_batch_size, seed)
+        self.reference = make_reference(model)
+        self.ref_optimizer = torch.optim.AdamW(
+            self.reference.parameters(), lr=check_positive("ref_lr", ref_lr), betas=ref_betas,
+            weight_decay=check_positive("ref_weight_decay", ref_weight_decay, allow_zero=True))
+        self.syncs = 0            # reference re-synchronisations so far
+        self.last_sync_call = -1  # 0-based call index of the latest sync
+
+    def sync_reference(self, input_ids: Tensor, labels: Tensor, alpha: Tensor) -> None:
+        """``w <- theta``, then ``ref_steps`` AdamW steps on ``L_val(w) + lam L_train(alpha, w)``
+        with ``L_train`` the alpha-weighted loss of this candidate batch."""
+        with torch.no_grad():
+            self.reference.load_state_dict(self.model.state_dict())
+        if self.reset_ref_optimizer:
+            self.ref_optimizer.state.clear()
+        self.fwdbwd_tokens += fit_reference(
+            self.reference, self.ref_optimizer, self.ref_steps, self.val, lam=self.lam,
+            train_batch=(input_ids, labels, alpha), grad_clip=self.ref_grad_clip)
+        self.syncs += 1
+        self.last_sync_call = self.calls
+
+    def scores(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        loss_theta = self._losses(self.model, input_ids, labels)
+        if self.calls % self.tau == 0:
+            if self.syncs == 0:
+                # no reference yet: L_train is the plain loss of the candidate batch
+                if self.granularity == "sequence":
+                    alpha = loss_theta.new_ones(labels.size(0))
+                else:
+                    alpha = (labels != IGNORE_INDEX).float()
+            else:
+                stale = loss_theta - self._losses(self.reference, input_ids, labels)
+                alpha = self.oracle(self._mask_invalid(stale, labels), labels)
+            self.sync_reference(input_ids, labels, alpha)
+        return loss_theta - self._losses(self.reference, input_ids, labels)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "tau": self.tau, "syncs": self.syncs,
+                "last_sync_call": self.last_sync_call,
+                "reference": self.reference.state_dict(),
+                "ref_optimizer": self.ref_optimizer.state_dict(),
+                "val": self.val.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if int(state["tau"]) != self.tau:
+            raise ValueError(f"state has tau={state['tau']} but this selector has tau={self.tau}")
+        self.syncs = int(state["syncs"])
+        self.last_sync_call = int(state["last_sync_call"])
+        self.reference.load_state_dict(state["reference"])
+        self.ref_optimizer.load_state_dict(state["ref_optimizer"])
+        self.val.load_state_dict(state["val"])
