@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from thresher.data.atomic import atomic_open
 from thresher.models.gpt import GPT, GPTConfig, load_hf_causal_lm
 
 __all__ = [
@@ -87,26 +87,10 @@ def check_samples(name: str, samples, *, min_len: int = 1):
 
 
 def save_checkpoint(obj, path) -> None:
-    """Atomic: write a temp file in the same folder, fsync it, rename over ``path``, fsync
-    the folder. A crash leaves either the old or the new checkpoint, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Atomic ``torch.save`` (temp file beside ``path``, fsync, rename: a crash leaves the
+    old or the new checkpoint, never half of one)."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path):
