@@ -50,14 +50,19 @@ class DiLoCo(DistMixin, torch.optim.AdamW):
         return [p for g in self.param_groups for p in g["params"]]
 
     @torch.no_grad()
-    def _init_outer_state(self) -> None:
-        for p in self._params():
+    def _init_outer_state(self) -> list:
+        # taken before the first inner step, stored after it: AdamW initialises a
+        # parameter's state only while that state is empty
+        return [(p, p.detach().clone()) for p in self._params() if "anchor" not in self.state[p]]
+
+    @torch.no_grad()
+    def _store_outer_state(self, fresh) -> None:
+        for p, anchor in fresh:
             st = self.state[p]
-            if "anchor" not in st:
-                st["anchor"] = p.detach().clone()
-                if self.outer_momentum:
-                    st["outer_buf"] = torch.zeros_like(p)
-                self._init_extra(p, st)
+            st["anchor"] = anchor
+            if self.outer_momentum:
+                st["outer_buf"] = torch.zeros_like(p)
+            self._init_extra(p, st)
 
     def _init_extra(self, p, st) -> None:
         pass
@@ -65,8 +70,9 @@ class DiLoCo(DistMixin, torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._run_closure(closure)
-        self._init_outer_state()
+        fresh = self._init_outer_state()
         torch.optim.AdamW.step(self)
+        self._store_outer_state(fresh)
         self._counters["step"] += 1
         if self._counters["step"] % self.sync_every == 0:
             params = self._params()
