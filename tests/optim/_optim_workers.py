@@ -9,13 +9,14 @@ from __future__ import annotations
 import datetime
 import io
 import os
-import socket
 import time
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from thresher.optim._dist import free_port
 
 # ----------------------------------------------------------------------------------------
 # Model and data
@@ -69,12 +70,6 @@ def train(model, opt, rank: int, steps: range, dtype=torch.float64, data_rank=No
 # ----------------------------------------------------------------------------------------
 # Process groups
 # ----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, fn, args, queue, timeout):

@@ -329,3 +329,12 @@ def outer_step_(p: torch.Tensor, anchor: torch.Tensor, delta: torch.Tensor, buf,
         d = g
     p.copy_(anchor.sub(d, alpha=lr) if lr != 1.0 else anchor.sub(d))
     anchor.copy_(p)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for local process groups)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -22,10 +22,11 @@ Choices (ALGORITHMS.md marks them (choice); each is an argument):
 - ``D``: column-wise RMS of √v̂ over the rank dimension, broadcast over the other one (what
   ``lowrank_adam_step`` computes); the low-rank moments are bias-corrected (Adam's rule).
 - ``side="auto"``: GaLore's rule (p >= q -> "right", else "left"); or force "left"/"right".
-- ``proj``: how Q is recomputed from Δ at a sync: "svd" (exact top-r singular vectors),
-  "power" (one power iteration warm-started from the previous Q), "random".
-- ``init_proj``: the first Q, before any Δ exists: "random" (a random orthonormal basis from
-  the shared seed; no communication) or "grad" (top-r of the all-reduced first gradient;
+- ``proj``: how Q is recomputed from Δ at a sync (``refresh_projection``'s methods): "svd"
+  (exact top-r singular vectors), "power" (one power iteration warm-started from the
+  previous Q), "random" (randomised SVD from the shared seed).
+- ``init_proj``: the first Q, before any Δ exists: "random" (the top-r basis of a Gaussian
+  matrix drawn from the shared seed: a random subspace, no communication) or "grad" (top-r of the all-reduced first gradient;
   costs one dense gradient all-reduce, counted in ``comm_bytes``).
 - ``moments``: what the low-rank moments do when Q changes: "keep" (GaLore) or "reset".
 - ``outer``: "average" (θ = θ_anchor + Δ) or "nesterov" (DiLoCo's outer SGD with Nesterov
@@ -156,10 +157,12 @@ class LoRDO(DistOptimizer):
             st["anchor"] = p.detach().clone()
             if self._is_lowrank(group, p):
                 side = self._side(group, p)
-                src = first.get(p, p.detach())
-                method = "svd" if self.init_proj == "grad" else "random"
-                Q = refresh_projection(src, group["rank"], side=side, method=method,
-                                       seed=self._proj_seed(index)).to(p.dtype)
+                if p in first:
+                    src = first[p]
+                else:  # a random subspace: the top-r basis of a Gaussian matrix from the seed
+                    gen = torch.Generator().manual_seed(self._proj_seed(index))
+                    src = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+                Q = refresh_projection(src, group["rank"], side=side, method="svd")
                 R = torch.zeros((group["rank"], p.shape[1]) if side == "left"
                                 else (p.shape[0], group["rank"]), dtype=p.dtype, device=p.device)
                 st["Q"] = Q.contiguous()
