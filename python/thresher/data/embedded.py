@@ -249,8 +249,8 @@ def _corrupt(text: str, kind: str, rng: np.random.Generator) -> str:
         return "\n".join(out)
     if kind == "random_bytes":
         # printable Latin-1 (no C0/C1 control characters) with a line break every ~80
-        b = rng.integers(32, 256 - 32, size=n)
-        b = np.where(b >= 127, b + 33, b)  # skip 127..159
+        v = rng.integers(0, 95 + 96, size=n)  # 95 codes in 32..126, 96 in 160..255
+        b = np.where(v < 95, 32 + v, 160 + v - 95)
         b[rng.random(n) < 1 / 80] = 10
         return bytes(b.astype(np.uint8).tolist()).decode("latin-1")
     raise ValueError(f"kind must be one of {CORRUPTION_KINDS}, got {kind!r}")

@@ -1,0 +1,130 @@
+"""``thresher select``: pick documents from the scores of ``thresher score`` and write them.
+
+Sample scores (``scores.npy``) are reduced to one score per document (``--reduce``, default
+the mean over the document's samples; a document without a sample gets -inf, i.e. is taken
+last). The strategy picks documents: ``topk`` (the top ``--fraction``), ``gumbel``
+(Gumbel-top-k at ``--temperature``: a sample without replacement from softmax(score/T)),
+``threshold`` (score >= ``--threshold``). The pool is then read again (streaming) and the
+selected documents are written to ``--out`` -- in the format its suffix names (.jsonl,
+.parquet, .txt, or a folder); when that is the pool's format the source's details are kept
+(other jsonl fields, the parquet schema, the text files byte for byte, the .txt split). The
+embedded pool is written as jsonl/parquet with its labels (source, kind, corrupted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .score_cmd import CommandError, _embedded, finalize, report_errors
+from .strategies import STRATEGIES, select_gumbel, select_threshold, select_topk
+
+REDUCTIONS = ("mean", "token_mean", "max", "min", "sum")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scores", required=True, help="output folder of thresher score")
+    parser.add_argument("--fraction", type=float, default=None,
+                        help="fraction of documents to keep, in (0, 1] (topk, gumbel)")
+    parser.add_argument("--strategy", default="topk", choices=STRATEGIES, help="default topk")
+    parser.add_argument("--temperature", type=float, default=1.0, help="gumbel temperature (default 1)")
+    parser.add_argument("--threshold", type=float, default=None, help="keep documents with score >= this (threshold)")
+    parser.add_argument("--seed", type=int, default=0, help="gumbel noise seed (default 0)")
+    parser.add_argument("--reduce", default="mean", choices=REDUCTIONS,
+                        help="sample scores -> document score (default mean)")
+    parser.add_argument("--out", required=True,
+                        help="selected documents: .jsonl, .parquet, .txt, or a folder (text files / HF dataset)")
+    parser.add_argument("--pool", default=None, help="read the pool from here instead of the path in the manifest "
+                                                     "(it must hold the same documents)")
+    parser.add_argument("--ids-out", default=None, help="also write the selected document ids (.npy)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    return report_errors("select", _run, args)
+
+
+def load_scores(folder: str | Path, reduce: str = "mean") -> tuple[dict, np.ndarray, np.ndarray]:
+    """(manifest, per-sample scores, per-document scores) of a ``thresher score`` folder;
+    merges the shards first when a distributed run left that to us."""
+    from thresher.data import Samples
+    from thresher.data.packing import reduce_by_document
+
+    d = Path(folder)
+    if not d.is_dir():
+        raise CommandError(f"--scores: no such folder: {str(folder)!r}")
+    if not (d / "manifest.json").is_file():
+        if not (d / "run.json").is_file() or not (d / "data.json").is_file():
+            raise CommandError(f"--scores {str(folder)!r} holds no thresher score output (no manifest.json)")
+        missing = finalize(d)
+        if missing:
+            raise CommandError(f"--scores {str(folder)!r} is incomplete: score shards {missing} are missing; "
+                               "finish it with thresher score --resume")
+    manifest = json.loads((d / "manifest.json").read_text())
+    scores = np.load(d / manifest["files"]["scores"])
+    pool = Samples.load(d / manifest["files"]["pool_samples"])
+    if scores.shape != (len(pool),):
+        raise CommandError(f"--scores: scores.npy has shape {scores.shape}, expected ({len(pool)},)")
+    if np.isnan(scores).any():
+        raise CommandError("--scores: scores.npy contains NaN")
+    doc = reduce_by_document(scores.astype(np.float64), pool.doc_index, pool.n_docs, reduce, pool.lengths)
+    return manifest, scores, doc
+
+
+def _run(args) -> int:
+    if args.strategy == "threshold":
+        if args.threshold is None:
+            raise CommandError("--strategy threshold needs --threshold")
+    elif args.fraction is None:
+        raise CommandError(f"--strategy {args.strategy} needs --fraction (in (0, 1])")
+    elif not 0.0 < args.fraction <= 1.0:
+        raise CommandError(f"--fraction must be in (0, 1], got {args.fraction}")
+    manifest, _, doc = load_scores(args.scores, args.reduce)
+    n_docs = len(doc)
+    no_sample = np.isnan(doc)
+    doc = np.where(no_sample, -np.inf, doc)  # documents without a sample are taken last
+    if args.strategy == "topk":
+        ids = select_topk(doc, args.fraction)
+    elif args.strategy == "gumbel":
+        ids = select_gumbel(doc, args.fraction, args.temperature, args.seed)
+    else:
+        ids = select_threshold(doc, args.threshold)
+
+    pool = dict(manifest["pool"])
+    out = Path(args.out)
+    if pool["format"] == "embedded":
+        if args.pool is not None:
+            raise CommandError("--pool cannot replace the embedded pool")
+        corpus = _embedded(pool)
+        if len(corpus.pool) != n_docs:
+            raise CommandError(f"the embedded corpus now has {len(corpus.pool)} documents, the scores {n_docs}")
+        from thresher.data import write_documents
+
+        write_documents((corpus.pool[int(i)] for i in ids), out)
+        labels = corpus.labels
+    else:
+        from thresher.data import detect_format, write_selected
+
+        src = Path(args.pool) if args.pool is not None else Path(pool["path"])
+        if not src.exists():
+            raise CommandError(f"the pool {str(src)!r} does not exist (moved? pass --pool)")
+        if detect_format(src) != pool["format"]:
+            raise CommandError(f"the pool {str(src)!r} is not {pool['format']} as when scored")
+        write_selected(src, ids, out, text_field=pool["text_field"], split=pool.get("split", "auto"),
+                       hf_split=pool.get("hf_split"), n_docs=n_docs)
+        labels = None
+    if args.ids_out:
+        from thresher.data.atomic import save_npy
+
+        save_npy(args.ids_out, ids)
+    msg = (f"selected {len(ids)} of {n_docs} documents ({len(ids) / n_docs:.1%}) by {args.strategy} "
+           f"on {manifest['method']} scores -> {out}")
+    if no_sample.any():
+        msg += f"; {int(no_sample.sum())} documents had no sample (too short) and rank last"
+    if labels is not None and len(ids):
+        msg += (f"; corrupted documents: {labels[ids].mean():.1%} of the selection vs "
+                f"{labels.mean():.1%} of the pool")
+    print(msg)
+    return 0

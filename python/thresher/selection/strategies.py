@@ -1,0 +1,87 @@
+"""Selection strategies: turn scores (higher = keep) into a sorted array of kept indices.
+
+* :func:`select_topk`: the ``k = round(fraction * n)`` (at least 1) highest scores; ties go to
+  the lower index, so the result is deterministic.
+* :func:`select_gumbel`: Gumbel-top-k. Keys ``s_i + T * g_i`` with ``g_i`` standard Gumbel
+  noise rank the same as ``s_i / T + g_i``, whose top k is a sample of k indices *without
+  replacement* from ``softmax(s / T)`` (Kool et al., 2019) -- i.e. QuRating-style
+  temperature sampling over any score. ``T -> 0`` gives top-k (``T = 0`` is exactly
+  :func:`select_topk`); ``T -> inf`` a uniform random subset. Writing the key as
+  ``s + T g`` rather than ``s / T + g`` keeps it finite for tiny T.
+* :func:`select_threshold`: every index with ``score >= threshold``.
+
+Scores may be ``-inf`` (never preferred over a finite score, e.g. a document without a
+sample) or ``+inf``; NaN is an error.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["select_topk", "select_gumbel", "select_threshold", "num_selected", "STRATEGIES"]
+
+STRATEGIES = ("topk", "gumbel", "threshold")
+
+
+def _check_scores(scores) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(scores, torch.Tensor):
+            scores = scores.detach().cpu().double().numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    s = np.asarray(scores)
+    if s.dtype == object or not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
+        raise TypeError(f"scores must be a numeric array, got dtype {s.dtype}")
+    if s.ndim != 1:
+        raise ValueError(f"scores must be 1-D (one score per item), got shape {s.shape}")
+    if s.size == 0:
+        raise ValueError("scores is empty: nothing to select from")
+    s = s.astype(np.float64)
+    nan = np.isnan(s)
+    if nan.any():
+        raise ValueError(f"scores contain {int(nan.sum())} NaN value(s) (first at index {int(np.flatnonzero(nan)[0])})")
+    return s
+
+
+def num_selected(n: int, fraction: float) -> int:
+    """``k = round(fraction * n)``, at least 1; ``fraction`` must be in (0, 1]."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, np.integer)):
+        raise TypeError(f"fraction must be a number in (0, 1], got {type(fraction).__name__}")
+    if not (0.0 < float(fraction) <= 1.0):
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return max(1, min(n, int(np.floor(float(fraction) * n + 0.5))))
+
+
+def _top(keys: np.ndarray, k: int) -> np.ndarray:
+    # stable sort of -keys: equal keys keep index order, so ties go to the lower index
+    return np.sort(np.argsort(-keys, kind="stable")[:k]).astype(np.int64)
+
+
+def select_topk(scores, fraction: float) -> np.ndarray:
+    s = _check_scores(scores)
+    return _top(s, num_selected(len(s), fraction))
+
+
+def select_gumbel(scores, fraction: float, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+    s = _check_scores(scores)
+    k = num_selected(len(s), fraction)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)):
+        raise TypeError(f"temperature must be a number >= 0, got {type(temperature).__name__}")
+    if not (np.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if temperature == 0:
+        return _top(s, k)
+    g = np.random.default_rng(seed).gumbel(size=len(s))
+    with np.errstate(invalid="ignore"):
+        keys = s + float(temperature) * g  # +-inf scores stay +-inf
+    return _top(keys, k)
+
+
+def select_threshold(scores, threshold: float) -> np.ndarray:
+    s = _check_scores(scores)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
+        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+    if np.isnan(threshold):
+        raise ValueError("threshold must not be NaN")
+    return np.flatnonzero(s >= threshold).astype(np.int64)
