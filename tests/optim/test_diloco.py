@@ -84,3 +84,66 @@ def test_diloco_resume_bit_identical(tmp_path):
 def test_bad_config(cls, kw, match):
     with pytest.raises(ValueError, match=match):
         cls(W.TinyNet().parameters(), **kw)
+
+
+SPARSE = dict(lr=0.05, sync_every=3, beta=0.95, k=4, chunk=16, bits=2)
+
+
+def reference_sparseloco(steps, kw, world=2):
+    """Plain transcription of SparseLoCo with the compression ops: e = β e + Δ^m, send
+    TopK+2-bit of e (e loses what was sent), mean over the ranks that sent each index,
+    θ = anchor + Δ̂ (outer SGD lr 1, no momentum). Matrices >= one chunk are sparse, the
+    bias is averaged densely."""
+    from thresher.ops.compress import topk_decode, topk_encode
+
+    k, chunk, bits, beta, H = kw["k"], kw["chunk"], kw["bits"], kw["beta"], kw["sync_every"]
+    nets = [W.TinyNet(torch.float32) for _ in range(world)]
+    opts = [torch.optim.AdamW(n.parameters(), lr=kw["lr"]) for n in nets]
+    anchor = [p.detach().clone() for p in nets[0].parameters()]
+    err = [[torch.zeros_like(a) for a in anchor] for _ in range(world)]
+    traj = [[] for _ in range(world)]
+    for t in range(1, steps + 1):
+        for r in range(world):
+            x, y = W.batch(r, t, torch.float32)
+            opts[r].zero_grad()
+            (nets[r](x) - y).pow(2).mean().backward()
+            opts[r].step()
+        if t % H == 0:
+            with torch.no_grad():
+                for i, a in enumerate(anchor):
+                    ps = [list(n.parameters())[i] for n in nets]
+                    if a.numel() >= chunk:
+                        out = torch.zeros(a.numel())
+                        cnt = torch.zeros(a.numel(), dtype=torch.int32)
+                        for r in range(world):
+                            err[r][i].mul_(beta)
+                            msg = topk_encode(ps[r] - a, err[r][i], k=k, chunk=chunk, bits=bits)
+                            topk_decode(msg, a.numel(), k=k, chunk=chunk, bits=bits, out=out,
+                                        count=cnt)
+                        delta = (out / cnt.clamp_min(1)).view_as(a)
+                    else:
+                        delta = sum(p - a for p in ps) / world
+                    new = a + delta
+                    anchor[i] = new
+                    for p in ps:
+                        p.copy_(new)
+        for r in range(world):
+            traj[r].append(W.flat(nets[r]))
+    return [torch.stack(tr) for tr in traj]
+
+
+def test_sparseloco_matches_transcription_and_bytes():
+    from thresher.ops.compress import topk_nbytes
+
+    out = W.pool().run(W.w_trajectory, "sparseloco", SPARSE, STEPS, torch.float32)
+    ref = reference_sparseloco(STEPS, SPARSE)
+    for r, (traj, nbytes, _) in enumerate(out):
+        torch.testing.assert_close(traj, ref[r], rtol=1e-6, atol=1e-7)
+        per_sync = (topk_nbytes(30, 4, 16, 2) + topk_nbytes(18, 4, 16, 2) + 8) + 3 * 4
+        assert nbytes == (STEPS // 3) * per_sync
+    assert torch.equal(out[0][0][2], out[1][0][2])
+    assert not torch.equal(out[0][0][3], out[1][0][3])
+
+
+def test_sparseloco_resume_bit_identical(tmp_path):
+    W.check_resume("sparseloco", SPARSE, 4, tmp_path)

@@ -205,3 +205,23 @@ def test_state_dict_weights_only_roundtrip(tmp_path):
         assert p.keys() == q.keys()
         assert all(torch.equal(p[k], q[k]) for k in p)
     assert opt2.step_count == 4
+
+
+COMPRESSED = dict(W.LORDO_CFG, init_proj="random", compression="topk",
+                  compression_options=dict(k=4, chunk=16, bits=2))
+
+
+def test_compressed_sync_bytes_and_agreement():
+    from thresher.ops.compress import topk_nbytes
+
+    out = W.pool().run(W.w_trajectory, "lordo", COMPRESSED, STEPS, torch.float32)
+    syncs = STEPS // 3
+    per_sync = topk_nbytes(30, 4, 16, 2) + topk_nbytes(18, 4, 16, 2) + 8 + 3 * 4
+    for traj, nbytes, _ in out:
+        assert nbytes == syncs * per_sync
+    for t in (2, 5):
+        assert torch.equal(out[0][0][t], out[1][0][t])
+
+
+def test_compressed_resume_bit_identical(tmp_path):
+    W.check_resume("lordo", COMPRESSED, 4, tmp_path)

@@ -7,8 +7,8 @@ lr 1 and no momentum it is plain parameter averaging. Bytes per sync and rank:
 ``element_size · Σ numel`` over all parameters.
 
 SparseLoCo: the same outer loop, but each rank accumulates ``e = β e + Δ^m`` (β = 0.95),
-sends ``Q(TopK_chunk(e))`` through ``thresher.comm.TopKCodec`` (top-k per chunk, 2-bit values
-with a per-chunk scale; ``e`` loses what was sent), and the messages are all-gathered and
+sends ``Q(TopK_chunk(e))`` (``thresher.ops.compress.topk_encode``: top-k per chunk, 2-bit
+values with a per-chunk scale, 12-bit indices; ``e`` loses what was sent), and the messages are all-gathered and
 averaged over the ranks that sent each index. Outer step: SGD lr 1, no momentum by default
 (the error buffer plays momentum's role, as in the paper). Bytes per sync: the packed
 messages (+ the 8-byte length header of the all_gather). Parameters smaller than one chunk
@@ -105,8 +105,8 @@ class SparseLoCo(DiLoCo):
         if k > chunk:
             raise ValueError(f"k must be <= chunk, got k={k}, chunk={chunk}")
         self.beta, self.chunk = float(beta), chunk
-        self.codec = make_codec(codec if codec is not None else "topk",
-                                **({} if codec is not None else dict(k=k, chunk=chunk, bits=bits)))
+        self.codec = make_codec(codec) if codec is not None else make_codec(
+            "topk", k=k, chunk=chunk, bits=bits)
         super().__init__(params, lr, sync_every=sync_every, outer_lr=outer_lr,
                          outer_momentum=outer_momentum, nesterov=nesterov, **kwargs)
 

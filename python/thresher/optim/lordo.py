@@ -14,7 +14,7 @@ shared rank-r basis Q, every local step is::
 (projection, error feedback, moments, normaliser, decoupled weight decay) done by
 ``thresher.ops.lowrank.lowrank_adam_step(..., error=E, omega=ω, mu=μ)``. Vectors and scalars
 take plain AdamW steps. Every ``sync_every`` steps all ranks average Δ = θ^m − θ_anchor
-(one all-reduce, or a ``thresher.comm`` codec with error feedback), take the outer step, and
+(one all-reduce, or a compression codec with error feedback), take the outer step, and
 recompute every Q from the averaged Δ with a seed shared by all ranks, so the bases stay
 identical everywhere without being sent.
 
@@ -31,9 +31,12 @@ Choices (ALGORITHMS.md marks them (choice); each is an argument):
 - ``moments``: what the low-rank moments do when Q changes: "keep" (GaLore) or "reset".
 - ``outer``: "average" (θ = θ_anchor + Δ) or "nesterov" (DiLoCo's outer SGD with Nesterov
   momentum, ``outer_lr``/``outer_momentum``).
-- ``compression``: None (dense float32 all-reduce of Δ), or a ``thresher.comm`` codec (or
-  its name: "topk", "quant8", "quant4", "quant2") applied to every matrix's Δ^m with its own
-  error-feedback buffer; vectors are always averaged densely (they are tiny).
+- ``compression``: None (dense float32 all-reduce of Δ), or a codec name ("topk",
+  "quant8", "quant4", "quant2"; settings in ``compression_options``, e.g. ``dict(k=64,
+  chunk=4096, bits=2)``; the kernels are ``thresher.ops.compress``'s) applied to every
+  low-rank matrix's Δ^m with its own error-feedback buffer, all-gathered and averaged (top-k:
+  over the ranks that sent each index); the vectors and plain-Adam matrices are always
+  averaged densely.
 - The error buffer E stays local and is never reset or sent.
 
 Memory per p x q matrix, float32: Q r·min-side·4 bytes, u and v 2·r·(other side)·4, plus the
@@ -49,6 +52,9 @@ from __future__ import annotations
 
 import torch
 
+from thresher.ops.lowrank import choose_side, lowrank_adam_step, refresh_projection
+
+from ._codecs import codec_mean_, make_codec
 from ._dist import (
     DistOptimizer,
     adamw_update_,
@@ -59,9 +65,6 @@ from ._dist import (
     clip_coef,
     outer_step_,
 )
-from ._lowrank_ops import choose_side, lowrank_adam_step, refresh_projection
-from ._codecs import codec_mean_, make_codec
-
 __all__ = ["LoRDO"]
 
 OUTER = ("average", "nesterov")
@@ -81,7 +84,7 @@ class LoRDO(DistOptimizer):
                  omega: float = 0.5, mu: float = 1.0, clip: float | None = 1.0,
                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  outer: str = "average", outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 compression=None, proj: str = "svd", init_proj: str = "random",
+                 compression=None, compression_options: dict | None = None, proj: str = "svd", init_proj: str = "random",
                  moments: str = "keep", side: str = "auto", seed: int = 0,
                  process_group=None, timeout: float | None = None):
         check_float("lr", lr, 0.0)
@@ -108,7 +111,7 @@ class LoRDO(DistOptimizer):
         self.sync_every, self.clip, self.outer = sync_every, clip, outer
         self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
         self.proj, self.init_proj, self.moments, self.seed = proj, init_proj, moments, int(seed)
-        self.codec = make_codec(compression)
+        self.codec = make_codec(compression, **(compression_options or {}))
         for gi, group in enumerate(self.param_groups):
             r = group["rank"]
             if r is not None:
