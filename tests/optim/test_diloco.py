@@ -30,6 +30,15 @@ def test_h1_plain_averaging_equals_ddp_adamw():
         assert ba == bb == STEPS * 8 * NUMEL
 
 
+def local_steps(nets, opts, t, dtype):
+    """One inner AdamW step of every simulated worker on its own batch."""
+    for r, (net, opt) in enumerate(zip(nets, opts)):
+        x, y = W.batch(r, t, dtype)
+        opt.zero_grad()
+        (net(x) - y).pow(2).mean().backward()
+        opt.step()
+
+
 def reference_diloco(H, steps, adamw, outer_lr, mom, world=2):
     """Plain transcription: per-worker torch AdamW, every H steps Nesterov SGD on -mean Δ."""
     nets = [W.TinyNet() for _ in range(world)]
@@ -38,11 +47,7 @@ def reference_diloco(H, steps, adamw, outer_lr, mom, world=2):
     buf = [torch.zeros_like(a) for a in anchor]
     traj = [[] for _ in range(world)]
     for t in range(1, steps + 1):
-        for r in range(world):
-            x, y = W.batch(r, t)
-            opts[r].zero_grad()
-            (nets[r](x) - y).pow(2).mean().backward()
-            opts[r].step()
+        local_steps(nets, opts, t, torch.float64)
         if t % H == 0:
             with torch.no_grad():
                 for i in range(len(anchor)):
@@ -103,11 +108,7 @@ def reference_sparseloco(steps, kw, world=2):
     err = [[torch.zeros_like(a) for a in anchor] for _ in range(world)]
     traj = [[] for _ in range(world)]
     for t in range(1, steps + 1):
-        for r in range(world):
-            x, y = W.batch(r, t, torch.float32)
-            opts[r].zero_grad()
-            (nets[r](x) - y).pow(2).mean().backward()
-            opts[r].step()
+        local_steps(nets, opts, t, torch.float32)
         if t % H == 0:
             with torch.no_grad():
                 for i, a in enumerate(anchor):

@@ -34,9 +34,9 @@ Choices (ALGORITHMS.md marks them (choice); each is an argument):
 - ``compression``: None (dense float32 all-reduce of Δ), or a codec name ("topk",
   "quant8", "quant4", "quant2"; settings in ``compression_options``, e.g. ``dict(k=64,
   chunk=4096, bits=2)``; the kernels are ``thresher.ops.compress``'s) applied to every
-  low-rank matrix's Δ^m with its own error-feedback buffer, all-gathered and averaged (top-k:
-  over the ranks that sent each index); the vectors and plain-Adam matrices are always
-  averaged densely.
+  matrix's Δ^m (low-rank or not: the embedding is often the largest) with its own
+  error-feedback buffer, all-gathered and averaged (top-k: over the ranks that sent each
+  index); vectors and scalars are always averaged densely (they are tiny).
 - The error buffer E stays local and is never reset or sent.
 
 Memory per p x q matrix, float32: Q r·min-side·4 bytes, u and v 2·r·(other side)·4, plus the
@@ -176,7 +176,7 @@ class LoRDO(DistOptimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p)
             if self.outer == "nesterov":
                 st["outer_buf"] = torch.zeros_like(p)
-            if self.codec is not None and self._is_lowrank(group, p):
+            if self.codec is not None and p.dim() == 2:
                 st["comm_error"] = torch.zeros_like(p)
 
     @torch.no_grad()
@@ -218,7 +218,7 @@ class LoRDO(DistOptimizer):
         if self.codec is None:
             self._count(all_reduce_mean_(deltas, self.dist, "LoRDO sync all_reduce"))
         else:
-            mats = [i for i, (g, p) in enumerate(items) if self._is_lowrank(g, p)]
+            mats = [i for i, (g, p) in enumerate(items) if p.dim() == 2]
             vecs = [i for i in range(len(items)) if i not in set(mats)]
             self._count(all_reduce_mean_([deltas[i] for i in vecs], self.dist,
                                          "LoRDO sync all_reduce (vectors)"))
