@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how a single .txt is cut into documents: auto, wikitext, paragraph[:MIN_CHARS], "
                              "lines:N, file (default auto: wikitext if it has ' = Title = ' lines, else "
                              "paragraphs merged to >= 1000 characters)")
-    parser.add_argument("--target-split", default=None, help="--split for the target (default: --split)")
+    parser.add_argument("--target-split", default="auto", help="--split for a .txt target (default auto)")
     parser.add_argument("--hf-split", default=None, help="split of a saved HF DatasetDict")
     parser.add_argument("--embedded-size", default="default", help="size of the embedded corpus: quick, default or a number")
     parser.add_argument("--corpus-seed", type=int, default=0, help="seed of the embedded corpus (default 0)")
@@ -184,7 +184,7 @@ def _run(args) -> int:
     pool_spec = source_spec(args.pool, text_field=args.text_field, split=args.split, hf_split=args.hf_split,
                             corpus_seed=args.corpus_seed, embedded_size=args.embedded_size, role="pool")
     target_spec = source_spec(args.target, text_field=args.target_text_field or args.text_field,
-                              split=args.target_split or args.split, hf_split=args.hf_split,
+                              split=args.target_split, hf_split=args.hf_split,
                               corpus_seed=args.corpus_seed, embedded_size=args.embedded_size, role="target")
     settings = {"method": args.method, "options": _options(args), "pool": pool_spec, "target": target_spec,
                 "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "seq_len": args.seq_len,
