@@ -119,3 +119,27 @@ def test_pack_bad_args():
         pack(["a"], tok, 4, min_tokens=5)
     with pytest.raises(ValueError, match="ids must increase"):
         pack([Document(2, "a"), Document(1, "b")], tok, 4)
+
+
+def test_pack_to_disk_equals_memory_and_is_memory_mapped(tmp_path):
+    tok = load_tokenizer("byte")
+    docs = _docs(3, n=60)
+    mem = pack(docs, tok, 8, batch_size=16)
+    disk = pack(iter(docs), tok, 8, batch_size=16, out=tmp_path / "s")  # any iterator: one pass
+    assert isinstance(np.load(tmp_path / "s" / "input_ids.npy", mmap_mode="r"), np.memmap)
+    for name in ("input_ids", "labels"):
+        assert torch.equal(getattr(disk, name), getattr(mem, name))
+    for name in ("doc_index", "offset", "lengths"):
+        assert np.array_equal(getattr(disk, name), getattr(mem, name))
+    assert disk.n_docs == mem.n_docs and not list((tmp_path / "s").glob(".*.raw"))
+    sub = disk[np.array([3, 1])]  # indexing a mapped Samples gives an in-memory subset
+    assert torch.equal(sub.input_ids, mem.input_ids[[3, 1]])
+    loaded = Samples.load(tmp_path / "s", mmap=True)
+    loaded.input_ids[0, 0] = 7  # copy-on-write: the file is untouched
+    assert Samples.load(tmp_path / "s").input_ids[0, 0] == mem.input_ids[0, 0]
+    empty = pack([], tok, 8, out=tmp_path / "e")
+    assert len(empty) == 0 and empty.input_ids.shape == (0, 8)
+    # an error while packing leaves no complete-looking folder behind
+    with pytest.raises(ValueError, match="ids must increase"):
+        pack([Document(1, "a"), Document(0, "b")], tok, 8, out=tmp_path / "bad")
+    assert not (tmp_path / "bad" / "samples.json").exists() and not list((tmp_path / "bad").glob(".*.raw"))

@@ -164,8 +164,8 @@ def test_real_random_and_loss_scorers(tmp_path, scorers):
     assert main(["select", "--scores", str(tmp_path / "rand"), "--fraction", "0.3", "--strategy", "gumbel",
                  "--temperature", "0.5", "--out", str(tmp_path / "r.jsonl")]) == 0
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4  # round(0.3 * 13)
-    assert _score(tmp_path, pool, extra, out="loss", method="loss",
-                  more=["--steps", "2", "--batch-size", "4", "--model", "tiny"]) == 0
+    assert _score(tmp_path, pool, extra, out="loss", method="loss", seq_len=64,
+                  more=["--steps", "1", "--batch-size", "4", "--model", "tiny"]) == 0
     s2 = np.load(tmp_path / "loss" / "scores.npy")
     assert np.isfinite(s2).all() and (s2 < 0).all()  # minus a token-mean loss
     assert (tmp_path / "loss" / "ckpt").is_dir()
@@ -269,3 +269,16 @@ def test_bad_inputs(tmp_path, scorers, capsys):
     pool.write_text(pool.read_text() + json.dumps({"body": "one more"}) + "\n")
     fails(["select", "--scores", run, "--fraction", "0.5", "--out", str(tmp_path / "x.jsonl")], "pool changed")
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_failed_inputs_leave_out_reusable(tmp_path, scorers, capsys):
+    pool, extra = _make_pool(tmp_path, "jsonl")
+    bad_target = tmp_path / "t.jsonl"
+    bad_target.write_text(json.dumps({"body": "x"}) + "\n")  # wrong field for the target
+    argv = ["score", "--method", "marker", "--tokenizer", "byte", "--no-progress", "--pool", str(pool),
+            "--text-field", "body", "--target", str(bad_target), "--target-text-field", "text",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 2 and "no field 'text'" in capsys.readouterr().err
+    assert not list((tmp_path / "run").iterdir())  # the pool's samples were removed again
+    bad_target.write_text(json.dumps({"text": "x y z"}) + "\n")
+    assert main(argv) == 0  # same --out, no --resume needed

@@ -9,7 +9,10 @@ at least one target; a document whose tokens + eos are shorter than that (an emp
 no sample and a NaN document score.
 
 Memory: ``input_ids`` and ``labels`` are int64, 16 bytes per token slot, e.g. 160 MB for
-10 M slots (80k samples of 128). ``save`` stores them as int32 (vocabularies < 2**31).
+10 M slots (80k samples of 128). A pool larger than memory is packed with ``pack(...,
+out=DIR)``: each batch of documents goes straight to disk and the result is memory-mapped
+(``Samples.load(DIR, mmap=True)``; the tensors share the mapped pages, which the OS loads as
+batches are indexed), so memory stays at one batch of documents.
 """
 from __future__ import annotations
 
@@ -29,6 +32,13 @@ __all__ = ["Samples", "pack"]
 
 _REDUCTIONS = ("mean", "token_mean", "max", "min", "sum")
 _FORMAT_VERSION = 1
+_ARRAYS = ("input_ids", "labels", "doc_index", "offset", "lengths")  # all int64 .npy
+
+
+def _save_info(p: Path, n: int, seq_len: int, n_docs: int) -> None:
+    # written last: a folder with samples.json is complete
+    save_json(p / "samples.json", {"format_version": _FORMAT_VERSION, "n_samples": n,
+                                   "seq_len": seq_len, "n_docs": n_docs})
 
 
 class Samples:
@@ -47,7 +57,7 @@ class Samples:
         if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
             raise ValueError(f"labels must be a tensor of shape {tuple(input_ids.shape)}")
         n = input_ids.shape[0]
-        self.input_ids = input_ids.long()
+        self.input_ids = input_ids.long()  # no copy when already int64 (e.g. memory-mapped)
         self.labels = labels.long()
         self.doc_index = np.asarray(doc_index, dtype=np.int64).reshape(-1)
         self.offset = np.asarray(offset, dtype=np.int64).reshape(-1)
@@ -115,24 +125,22 @@ class Samples:
         so a folder with it is complete)."""
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
-        save_npy(p / "input_ids.npy", self.input_ids.numpy().astype(np.int32))
-        save_npy(p / "labels.npy", self.labels.numpy().astype(np.int32))
-        save_npy(p / "doc_index.npy", self.doc_index)
-        save_npy(p / "offset.npy", self.offset)
-        save_npy(p / "lengths.npy", self.lengths)
-        save_json(p / "samples.json", {"format_version": _FORMAT_VERSION, "n_samples": len(self),
-                                       "seq_len": self.seq_len, "n_docs": self.n_docs})
+        for name in _ARRAYS:
+            a = getattr(self, name)
+            save_npy(p / f"{name}.npy", a.numpy() if isinstance(a, torch.Tensor) else a)
+        _save_info(p, len(self), self.seq_len, self.n_docs)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Samples":
+    def load(cls, path: str | os.PathLike, *, mmap: bool = False) -> "Samples":
+        """``mmap=True``: memory-map the files (copy-on-write: writes never reach the disk)."""
         p = Path(path)
         if not (p / "samples.json").is_file():
             raise FileNotFoundError(f"{str(p)!r} holds no saved Samples (no samples.json)")
         info = json.loads((p / "samples.json").read_text())
-        ids = torch.from_numpy(np.load(p / "input_ids.npy").astype(np.int64))
-        labels = torch.from_numpy(np.load(p / "labels.npy").astype(np.int64))
-        return cls(ids, labels, np.load(p / "doc_index.npy"), np.load(p / "offset.npy"),
-                   np.load(p / "lengths.npy"), info["n_docs"])
+        a = {name: np.load(p / f"{name}.npy", mmap_mode="c" if mmap else None) for name in _ARRAYS}
+        # int64 on disk, so the tensors can share the mapped pages (no conversion copy)
+        return cls(torch.from_numpy(a["input_ids"]), torch.from_numpy(a["labels"]), a["doc_index"],
+                   a["offset"], a["lengths"], info["n_docs"])
 
 
 def reduce_by_document(s: np.ndarray, doc_index: np.ndarray, n_docs: int, reduce: str,
@@ -157,24 +165,97 @@ def reduce_by_document(s: np.ndarray, doc_index: np.ndarray, n_docs: int, reduce
     return out
 
 
+class _MemorySink:
+    def __init__(self):
+        self.parts = {name: [] for name in _ARRAYS}
+
+    def add(self, **arrays):
+        for k, v in arrays.items():
+            self.parts[k].append(v)
+
+    def finish(self, L: int, n_docs: int) -> Samples:
+        a = {k: np.concatenate(v) if v else np.empty((0, L) if k in ("input_ids", "labels") else (0,), np.int64)
+             for k, v in self.parts.items()}
+        return Samples(torch.from_numpy(a["input_ids"]), torch.from_numpy(a["labels"]), a["doc_index"],
+                       a["offset"], a["lengths"], n_docs)
+
+
+class _DiskSink:
+    """Appends each batch to raw files in ``out``, then writes the .npy files (header +
+    a chunked copy, since the row count is known only at the end) and memory-maps them."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "samples.json").unlink(missing_ok=True)  # incomplete until finish()
+        self.files = {k: open(self.out / f".{k}.raw", "wb") for k in _ARRAYS}
+        self.n = 0
+
+    def add(self, **arrays):
+        for k, v in arrays.items():
+            np.ascontiguousarray(v, dtype=np.int64).tofile(self.files[k])
+        self.n += len(arrays["doc_index"])
+
+    def finish(self, L: int, n_docs: int) -> Samples:
+        from numpy.lib.format import open_memmap
+
+        from .atomic import atomic_tmp_path, commit
+
+        rows = 1 << 14  # copy 16k samples at a time: bounded memory
+        for k, f in self.files.items():
+            f.close()
+            raw_path = self.out / f".{k}.raw"
+            shape = (self.n, L) if k in ("input_ids", "labels") else (self.n,)
+            tmp = atomic_tmp_path(self.out / f"{k}.npy")
+            dst = open_memmap(tmp, mode="w+", dtype=np.int64, shape=shape)
+            if self.n:
+                src = np.memmap(raw_path, dtype=np.int64, mode="r", shape=shape)
+                for i in range(0, self.n, rows):
+                    dst[i:i + rows] = src[i:i + rows]
+                del src
+            dst.flush()
+            del dst
+            commit(tmp, self.out / f"{k}.npy")
+            raw_path.unlink()
+        _save_info(self.out, self.n, L, n_docs)
+        return Samples.load(self.out, mmap=True)
+
+    def abort(self):
+        for k, f in self.files.items():
+            f.close()
+            (self.out / f".{k}.raw").unlink(missing_ok=True)
+
+
 def pack(docs: Iterable[Document | str], tokenizer, seq_len: int, *, batch_size: int = 512,
-         min_tokens: int = 2, progress: bool = False, desc: str = "tokenise+pack") -> Samples:
+         min_tokens: int = 2, out: str | os.PathLike | None = None, progress: bool = False,
+         desc: str = "tokenise+pack") -> Samples:
     """Tokenise ``docs`` (in batches of ``batch_size`` documents) and cut them into samples.
-    A document's id is its ``Document.id`` (strings: their position); ids must increase."""
+    A document's id is its ``Document.id`` (strings: their position); ids must increase.
+    ``out``: write the samples to that folder as they are made and return them
+    memory-mapped (for pools larger than memory; the folder is what ``Samples.save`` writes)."""
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     if not isinstance(min_tokens, int) or not 1 <= min_tokens <= seq_len:
         raise ValueError(f"min_tokens must be an integer in [1, seq_len], got {min_tokens!r}")
-    L, eos, pad = seq_len, tokenizer.eos_id, tokenizer.pad_id
-    rows, labs, dix, offs, lens = [], [], [], [], []
-    n_docs, last_id = 0, -1
+    sink = _DiskSink(out) if out is not None else _MemorySink()
+    try:
+        n_docs = _pack_into(sink, docs, tokenizer, seq_len, batch_size, min_tokens, progress, desc)
+    except BaseException:
+        if isinstance(sink, _DiskSink):
+            sink.abort()
+        raise
+    return sink.finish(seq_len, n_docs)
+
+
+def _pack_into(sink, docs, tokenizer, L, batch_size, min_tokens, progress, desc) -> int:
+    eos, pad = tokenizer.eos_id, tokenizer.pad_id
+    n_docs, last_id, pos = 0, -1, 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(desc=desc, unit="doc")
     it = iter(docs)
-    pos = 0
     while True:
         batch = list(itertools.islice(it, batch_size))
         if not batch:
@@ -191,33 +272,27 @@ def pack(docs: Iterable[Document | str], tokenizer, seq_len: int, *, batch_size:
         n = np.array([len(t) + 1 for t in toks], dtype=np.int64)  # + eos
         chunks = -(-n // L)
         tail = n - (chunks - 1) * L
-        short = tail < min_tokens
-        chunks[short] -= 1
-        n_eff = np.minimum(n, chunks * L)  # tokens kept: drops a too-short tail chunk
-        flat = np.concatenate([np.append(t, eos) for t in toks]) if toks else np.empty(0, np.int64)
-        doc_start = np.concatenate([[0], np.cumsum(n)[:-1]])
-        keep_tok = np.arange(len(flat)) - np.repeat(doc_start, n) < np.repeat(n_eff, n)
-        row_start = np.concatenate([[0], np.cumsum(chunks)[:-1]])
-        p_in_doc = (np.arange(len(flat)) - np.repeat(doc_start, n))[keep_tok]
-        which = np.repeat(np.arange(len(batch)), n)[keep_tok]
+        chunks[tail < min_tokens] -= 1  # a too-short tail chunk is dropped
+        n_eff = np.minimum(n, chunks * L)  # tokens kept per document
+        flat = np.concatenate([np.append(t, eos) for t in toks])
+        doc_of_tok = np.repeat(np.arange(len(batch)), n)
+        pos_in_doc = np.arange(len(flat)) - np.repeat(np.cumsum(n) - n, n)
+        keep = pos_in_doc < n_eff[doc_of_tok]
+        pos_in_doc, doc_of_tok = pos_in_doc[keep], doc_of_tok[keep]
+        row_start = np.cumsum(chunks) - chunks
         R = int(chunks.sum())
         block = np.full((R, L), pad, dtype=np.int64)
-        r = row_start[which] + p_in_doc // L
-        block[r, p_in_doc % L] = flat[keep_tok]
+        r = row_start[doc_of_tok] + pos_in_doc // L
+        block[r, pos_in_doc % L] = flat[keep]
         row_len = np.bincount(r, minlength=R).astype(np.int64)
         lab = block.copy()
         lab[np.arange(L)[None, :] >= row_len[:, None]] = -100
-        rows.append(block)
-        labs.append(lab)
         sample_doc = np.repeat(np.arange(len(batch)), chunks)
-        dix.append(np.asarray(ids, dtype=np.int64)[sample_doc])
-        offs.append((np.arange(R) - row_start[sample_doc]) * L)
-        lens.append(row_len)
+        sink.add(input_ids=block, labels=lab, doc_index=np.asarray(ids, dtype=np.int64)[sample_doc],
+                 offset=(np.arange(R) - row_start[sample_doc]) * L, lengths=row_len)
         n_docs = last_id + 1
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
         bar.close()
-    cat = (lambda xs, shape: np.concatenate(xs) if xs else np.empty(shape, np.int64))
-    return Samples(torch.from_numpy(cat(rows, (0, L))), torch.from_numpy(cat(labs, (0, L))),
-                   cat(dix, (0,)), cat(offs, (0,)), cat(lens, (0,)), n_docs)
+    return n_docs

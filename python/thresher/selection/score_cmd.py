@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -210,8 +211,8 @@ def _run(args) -> int:
     t_data = time.perf_counter()
     from thresher.data import Samples
 
-    pool = Samples.load(out / "pool_samples")
-    target = Samples.load(out / "target_samples")
+    pool = Samples.load(out / "pool_samples", mmap=True)
+    target = Samples.load(out / "target_samples", mmap=True)
 
     # 2. fit -----------------------------------------------------------------------------
     import thresher.selection as selection
@@ -271,21 +272,26 @@ def _prepare_data(args, out: Path, pool_spec: dict, target_spec: dict, progress:
     except ValueError as e:
         raise CommandError(f"--tokenizer: {e}") from None
     t_tok = time.perf_counter() - t
-    counts, packed = {}, {}
-    for role, spec in (("pool", pool_spec), ("target", target_spec)):
-        t = time.perf_counter()
-        samples = pack(open_source(spec), tok, args.seq_len, progress=progress, desc=f"tokenise+pack {role}")
-        dt = time.perf_counter() - t
-        if samples.n_docs == 0:
-            raise CommandError(f"--{role} {spec['path']!r} holds no documents (empty corpus)")
-        if len(samples) == 0:
-            raise CommandError(f"--{role} {spec['path']!r}: every document is empty (no samples)")
-        packed[role] = samples
-        counts[role] = {"docs": samples.n_docs, "samples": len(samples), "tokens": samples.num_tokens,
-                        "docs_without_samples": int(samples.n_docs - len(np.unique(samples.doc_index))),
-                        "pack_s": round(dt, 3)}
-    for role, samples in packed.items():  # both inputs are valid: only now write anything
-        samples.save(out / f"{role}_samples")
+    counts = {}
+    try:
+        for role, spec in (("pool", pool_spec), ("target", target_spec)):
+            t = time.perf_counter()
+            # streamed to disk batch by batch and memory-mapped: a pool larger than memory works
+            samples = pack(open_source(spec), tok, args.seq_len, out=out / f"{role}_samples", progress=progress,
+                           desc=f"tokenise+pack {role}")
+            dt = time.perf_counter() - t
+            if samples.n_docs == 0:
+                raise CommandError(f"--{role} {spec['path']!r} holds no documents (empty corpus)")
+            if len(samples) == 0:
+                raise CommandError(f"--{role} {spec['path']!r}: every document is empty (no samples)")
+            counts[role] = {"docs": samples.n_docs, "samples": len(samples), "tokens": samples.num_tokens,
+                            "docs_without_samples": int(samples.n_docs - len(np.unique(samples.doc_index))),
+                            "pack_s": round(dt, 3)}
+            del samples
+    except BaseException:  # a bad input: leave no half-prepared data behind
+        for role in ("pool", "target"):
+            shutil.rmtree(out / f"{role}_samples", ignore_errors=True)
+        raise
     data = {"tokenizer": {"spec": tok.spec, "kind": tok.kind, "path": tok.path, "vocab_size": tok.vocab_size,
                           "eos_id": tok.eos_id, "pad_id": tok.pad_id, "load_s": round(t_tok, 3)},
             "counts": counts}
@@ -313,7 +319,7 @@ def finalize(out: str | os.PathLike, timings: dict | None = None) -> list[int]:
     out = Path(out)
     settings = json.loads((out / "run.json").read_text())
     data = json.loads((out / "data.json").read_text())
-    pool = Samples.load(out / "pool_samples")
+    pool = Samples.load(out / "pool_samples", mmap=True)  # only the small per-sample arrays are read
     shard = settings["shard_size"]
     n_shards = max(1, -(-len(pool) // shard))
     sizes = [min(len(pool), (k + 1) * shard) - k * shard for k in range(n_shards)]

@@ -64,7 +64,7 @@ def load_scores(folder: str | Path, reduce: str = "mean") -> tuple[dict, np.ndar
                                "finish it with thresher score --resume")
     manifest = json.loads((d / "manifest.json").read_text())
     scores = np.load(d / manifest["files"]["scores"])
-    pool = Samples.load(d / manifest["files"]["pool_samples"])
+    pool = Samples.load(d / manifest["files"]["pool_samples"], mmap=True)
     if scores.shape != (len(pool),):
         raise CommandError(f"--scores: scores.npy has shape {scores.shape}, expected ({len(pool)},)")
     if np.isnan(scores).any():
