@@ -26,8 +26,8 @@ Formats (:func:`detect_format`):
     document may be shorter and it stays last).
   - ``"lines:N"``: chunks of N lines.
   - ``"file"``: the whole file is one document.
-  - ``"auto"`` (default): ``"wikitext"`` if the file has a level-1 WikiText heading, else
-    ``"paragraph:1000"``.
+  - ``"auto"`` (default): ``"wikitext"`` if one of the file's first 10,000 lines is a
+    level-1 WikiText heading, else ``"paragraph:1000"``.
 
   A document's text is its lines exactly as in the file, without the final line break;
   written documents are joined by one line break (wikitext, lines, file) or by one blank
@@ -67,6 +67,7 @@ FORMATS = ("jsonl", "parquet", "txt", "folder", "hf")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 DEFAULT_PARAGRAPH_CHARS = 1000
+AUTO_SCAN_LINES = 10_000
 # WikiText level-1 heading: " = Title = " -- one '=' on each side, title not starting/ending in '='
 _WIKI_HEADING = re.compile(r"^ = [^=](?:.*[^=])? = $")
 
@@ -144,13 +145,14 @@ def _positive_int(s: str, split: str, allow_zero: bool = False) -> int:
 
 
 def resolve_split(path: str | os.PathLike, split: str = "auto") -> str:
-    """The concrete split rule for a text file: 'auto' scans the file (streaming, stops at
-    the first match) for a WikiText level-1 heading."""
+    """The concrete split rule for a text file: 'auto' looks for a WikiText level-1 heading
+    in the first ``AUTO_SCAN_LINES`` lines (an article file has one near the top; a huge
+    file is not read twice)."""
     if split != "auto":
         mode, n = _parse_split(split)
         return mode if mode in ("wikitext", "file") else f"{mode}:{n}"
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for line in itertools.islice(f, AUTO_SCAN_LINES):
             if _WIKI_HEADING.match(line.rstrip("\n")):
                 return "wikitext"
     return f"paragraph:{DEFAULT_PARAGRAPH_CHARS}"
