@@ -1,1 +1,23 @@
-"""thresher.comm: compression codecs (top-k, quantisers, low-rank), collectives and exact byte accounting."""
+"""thresher.comm: compression codecs (top-k, quantisers, low-rank), collectives and exact byte accounting.
+
+    codec = TopKCodec(k=64, chunk=4096, bits=2)      # or QuantCodec(bits=8, block=256),
+                                                     #    LowRankCodec(rank=4)
+    packed = codec.encode(x, error=e)                # e += x; compress; e -= decoded
+    packed.nbytes                                    # exact message bytes
+    mean = sparse_all_gather_mean(packed, stats=s)   # mean over ranks (per index for top-k)
+    s.bytes_sent                                     # what this rank sent
+"""
+from .codecs import Codec, LowRankCodec, Packed, QuantCodec, TopKCodec
+from .collectives import HEADER_BYTES, CommError, CommStats, sparse_all_gather_mean
+
+__all__ = [
+    "Codec",
+    "Packed",
+    "TopKCodec",
+    "QuantCodec",
+    "LowRankCodec",
+    "CommError",
+    "CommStats",
+    "HEADER_BYTES",
+    "sparse_all_gather_mean",
+]

@@ -559,6 +559,24 @@ def _(payload, out, bits, block, scaling, backend):
     return None
 
 
+def _plain(*ts) -> bool:
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the dispatch-stack query
+        return False
+    return (torch._C._len_torch_dispatch_stack() == 0
+            and all(t is None or type(t) is torch.Tensor for t in ts))
+
+
+def _call(op, *args):
+    """Runs a custom op; plain eager calls (no tracing, no fake/functional tensors, no
+    dispatch mode) go straight to its implementation: the ops have no autograd formula, so
+    the dispatcher adds nothing there but its per-call overhead and, on the first call in a
+    process, an import of torch._dynamo (seconds on a loaded machine) -- which every spawned
+    rank of a distributed job would pay."""
+    if _plain(*(a for a in args if isinstance(a, torch.Tensor) or a is None)):
+        return op._init_fn(*args)
+    return op(*args)
+
+
 # ----------------------------------------------------------------------------------------
 # Validation and the public functions
 # ----------------------------------------------------------------------------------------
@@ -613,7 +631,7 @@ def topk_encode(x: Tensor, error: Tensor | None = None, *, k: int = 64, chunk: i
     _check_int("chunk", chunk, 1)
     _check_bits(bits)
     name = DISPATCH.select(backend, x.device, x.dtype, chunk=chunk)
-    payload = _topk_encode_op(_flat_x(x), error, k, chunk, bits, name)
+    payload = _call(_topk_encode_op, _flat_x(x), error, k, chunk, bits, name)
     _check_finite_scales(payload, -(-x.numel() // chunk), 1, "chunk")
     return payload
 
@@ -655,7 +673,7 @@ def topk_decode(payload: Tensor, numel: int, *, k: int = 64, chunk: int = 4096, 
         if count.numel() != numel or not count.is_contiguous():
             raise ValueError(f"count must be a contiguous int32 tensor of {numel} elements")
     name = DISPATCH.select(backend, payload.device, torch.float32, chunk=chunk)
-    bad = _topk_decode_op(payload, out, count, k, chunk, bits, name)
+    bad = _call(_topk_decode_op, payload, out, count, k, chunk, bits, name)
     if values_checkable() and int(bad):
         raise ValueError(f"payload holds {int(bad)} indices outside their chunk (corrupted "
                          "message, or decoded with other numel/k/chunk/bits than encoded)")
@@ -672,7 +690,7 @@ def quantize_blockwise(x: Tensor, error: Tensor | None = None, *, bits: int = 8,
     _check_int("block", block, 1)
     check_choice("scaling", scaling, SCALINGS)
     name = DISPATCH.select(backend, x.device, x.dtype, block=block)
-    payload = _quant_encode_op(_flat_x(x), error, bits, block, scaling, name)
+    payload = _call(_quant_encode_op, _flat_x(x), error, bits, block, scaling, name)
     _check_finite_scales(payload, -(-x.numel() // block), 2 if scaling == "meanstd" else 1, "block")
     return payload
 
@@ -689,5 +707,5 @@ def dequantize_blockwise(payload: Tensor, numel: int, *, bits: int = 8, block: i
                    if isinstance(payload, Tensor) else None)
     out = _check_out(out, numel, payload.device, "out")
     name = DISPATCH.select(backend, payload.device, torch.float32, block=block)
-    _quant_decode_op(payload, out, bits, block, scaling, name)
+    _call(_quant_decode_op, payload, out, bits, block, scaling, name)
     return out
