@@ -120,14 +120,15 @@ def all_gather_bytes(payload: torch.Tensor, info: GroupInfo, what: str = "all_ga
         raise TypeError("payload must be a 1-D uint8 tensor")
     if info.world == 1:
         return [payload], 0
-    n = torch.tensor([payload.numel()], dtype=torch.int64)
+    dev = payload.device  # NCCL needs device tensors, gloo takes either
+    n = torch.tensor([payload.numel()], dtype=torch.int64, device=dev)
     sizes = [torch.zeros_like(n) for _ in range(info.world)]
     _wait(dist.all_gather(sizes, n, group=info.group, async_op=True), f"{what} (sizes)", info)
     sizes = [int(s) for s in sizes]
     width = max(sizes)
-    buf = torch.zeros(width, dtype=torch.uint8)
+    buf = torch.zeros(width, dtype=torch.uint8, device=dev)
     buf[:payload.numel()] = payload
-    out = [torch.empty(width, dtype=torch.uint8) for _ in range(info.world)]
+    out = [torch.empty(width, dtype=torch.uint8, device=dev) for _ in range(info.world)]
     _wait(dist.all_gather(out, buf, group=info.group, async_op=True),
           f"{what} of {payload.numel()} bytes", info)
     return [o[:s] for o, s in zip(out, sizes)], payload.numel() + 8

@@ -282,13 +282,19 @@ def train_rank(args, rank: int, world: int) -> dict:
     n_val = min(len(val), args.eval_samples)
     val_idx = torch.arange(n_val)[rank::world]
 
+    # torchrun on GPUs (NCCL): one device per rank; everything else on the CPU
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     torch.manual_seed(args.seed)  # same initial model on every rank
     over = {k: getattr(args, k) for k in ("d_model", "n_layers", "n_heads")
             if getattr(args, k) is not None}
     cfg = GPTConfig.preset(args.model, meta["vocab_size"], max_seq_len=args.seq_len)
     if over:
         cfg = GPTConfig(**dict(cfg.to_dict(), d_ff=None, **over))
-    model = GPT(cfg)
+    model = GPT(cfg).to(device)
     opt = build_optimizer(args, model)
     selector = _build_selector(args, model, val)
     torch.manual_seed(args.seed * 7919 + rank + 1)  # per-rank stream (dropout, selectors)
@@ -296,7 +302,7 @@ def train_rank(args, rank: int, world: int) -> dict:
     ckpt = os.path.join(args.out, "ckpt", f"rank{rank}.pt")
     start, tokens, wall0 = 0, 0, 0.0
     if args.resume and os.path.exists(ckpt):
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         if selector is not None and "selector" in state:
@@ -313,7 +319,7 @@ def train_rank(args, rank: int, world: int) -> dict:
         atomic_save(state, ckpt)
 
     def metric_mean(values):  # metrics only: not counted in the optimizer's bytes
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
         all_reduce_mean_([t], info, "metrics all_reduce")
         return t.tolist()
 
@@ -323,7 +329,7 @@ def train_rank(args, rank: int, world: int) -> dict:
         tot, cnt = 0.0, 0.0
         for s in range(0, len(val_idx), args.batch_size):
             idx = val_idx[s:s + args.batch_size]
-            ids, lab = val.input_ids[idx], val.labels[idx]
+            ids, lab = val.input_ids[idx].to(device), val.labels[idx].to(device)
             n = float((lab[:, 1:] != -100).sum())
             tot += float(model.loss(ids, lab, reduction="sum"))
             cnt += n
@@ -351,7 +357,7 @@ def train_rank(args, rank: int, world: int) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         idx = _batch_indices(len(train), step, rank, world, args.batch_size, args.seed)
-        ids, lab = train.input_ids[idx], train.labels[idx]
+        ids, lab = train.input_ids[idx].to(device), train.labels[idx].to(device)
         kw = {}
         if selector is not None:
             alpha = selector.select(ids, lab)
