@@ -3,7 +3,6 @@ text-file split rules, streaming of parquet row groups, clear errors for bad inp
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
