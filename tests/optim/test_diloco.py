@@ -134,13 +134,14 @@ def reference_sparseloco(steps, kw, world=2):
 
 
 def test_sparseloco_matches_transcription_and_bytes():
+    from thresher.comm import HEADER_BYTES as HEADER
     from thresher.ops.compress import topk_nbytes
 
     out = W.pool().run(W.w_trajectory, "sparseloco", SPARSE, STEPS, torch.float32)
     ref = reference_sparseloco(STEPS, SPARSE)
     for r, (traj, nbytes, _) in enumerate(out):
         torch.testing.assert_close(traj, ref[r], rtol=1e-6, atol=1e-7)
-        per_sync = (topk_nbytes(30, 4, 16, 2) + topk_nbytes(18, 4, 16, 2) + 8) + 3 * 4
+        per_sync = topk_nbytes(30, 4, 16, 2) + topk_nbytes(18, 4, 16, 2) + 2 * HEADER + 3 * 4
         assert nbytes == (STEPS // 3) * per_sync
     assert torch.equal(out[0][0][2], out[1][0][2])
     assert not torch.equal(out[0][0][3], out[1][0][3])

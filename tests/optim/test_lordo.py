@@ -212,11 +212,12 @@ COMPRESSED = dict(W.LORDO_CFG, init_proj="random", compression="topk",
 
 
 def test_compressed_sync_bytes_and_agreement():
+    from thresher.comm import HEADER_BYTES as HEADER
     from thresher.ops.compress import topk_nbytes
 
     out = W.pool().run(W.w_trajectory, "lordo", COMPRESSED, STEPS, torch.float32)
     syncs = STEPS // 3
-    per_sync = topk_nbytes(30, 4, 16, 2) + topk_nbytes(18, 4, 16, 2) + 8 + 3 * 4
+    per_sync = topk_nbytes(30, 4, 16, 2) + topk_nbytes(18, 4, 16, 2) + 2 * HEADER + 3 * 4
     for traj, nbytes, _ in out:
         assert nbytes == syncs * per_sync
     for t in (2, 5):

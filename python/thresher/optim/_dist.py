@@ -5,21 +5,21 @@ accounting, the AdamW arithmetic every method reuses, and checkpoint helpers.
 Byte accounting. ``opt.comm_bytes`` is the *payload one rank contributes* to the collectives
 it issued, summed over the run: ``numel * element_size`` for an all-reduce of a dense buffer
 (a ring all-reduce moves ``2 (M-1)/M`` times that over the wire; the payload is the
-topology-free number the papers compare), and the exact packed size of the message for an
-all_gather (plus the 8-byte length header each rank announces first). Nothing is counted when
+topology-free number the papers compare); compressed messages are counted by
+``thresher.comm`` (the packed bytes + a 16-byte header per tensor). Nothing is counted when
 the world has one rank, because no collective is issued.
 
 Timeouts. Every collective is issued with ``async_op=True`` and waited for with
 ``work.wait(timeout)``; a peer that died (connection reset) or never arrives turns into a
 :class:`CollectiveError` on the survivors that names the operation, the rank and the timeout,
-instead of a hang.
+instead of a hang (``thresher.comm``'s compressed collectives raise its ``CommError``).
 """
 from __future__ import annotations
 
 import datetime
 import math
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,6 @@ __all__ = [
     "GroupInfo",
     "resolve_group",
     "all_reduce_mean_",
-    "all_gather_bytes",
     "adamw_update_",
     "clip_coef",
     "outer_step_",
@@ -111,27 +110,6 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor], info: GroupInfo, what: str
         t.copy_(flat[off:off + n].view_as(t))
         off += n
     return flat.numel() * flat.element_size()
-
-
-def all_gather_bytes(payload: torch.Tensor, info: GroupInfo, what: str = "all_gather"):
-    """All-gathers a 1-D uint8 message of any length from every rank. Returns (list of the
-    ranks' messages, payload bytes sent by this rank = len(payload) + the 8-byte length)."""
-    if payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise TypeError("payload must be a 1-D uint8 tensor")
-    if info.world == 1:
-        return [payload], 0
-    dev = payload.device  # NCCL needs device tensors, gloo takes either
-    n = torch.tensor([payload.numel()], dtype=torch.int64, device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(info.world)]
-    _wait(dist.all_gather(sizes, n, group=info.group, async_op=True), f"{what} (sizes)", info)
-    sizes = [int(s) for s in sizes]
-    width = max(sizes)
-    buf = torch.zeros(width, dtype=torch.uint8, device=dev)
-    buf[:payload.numel()] = payload
-    out = [torch.empty(width, dtype=torch.uint8, device=dev) for _ in range(info.world)]
-    _wait(dist.all_gather(out, buf, group=info.group, async_op=True),
-          f"{what} of {payload.numel()} bytes", info)
-    return [o[:s] for o, s in zip(out, sizes)], payload.numel() + 8
 
 
 def barrier(info: GroupInfo, what: str = "barrier") -> None:
@@ -304,10 +282,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def flat_params(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
 
 
 # ----------------------------------------------------------------------------------------

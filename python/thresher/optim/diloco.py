@@ -7,11 +7,12 @@ lr 1 and no momentum it is plain parameter averaging. Bytes per sync and rank:
 ``element_size · Σ numel`` over all parameters.
 
 SparseLoCo: the same outer loop, but each rank accumulates ``e = β e + Δ^m`` (β = 0.95),
-sends ``Q(TopK_chunk(e))`` (``thresher.ops.compress.topk_encode``: top-k per chunk, 2-bit
-values with a per-chunk scale, 12-bit indices; ``e`` loses what was sent), and the messages are all-gathered and
-averaged over the ranks that sent each index. Outer step: SGD lr 1, no momentum by default
+sends ``Q(TopK_chunk(e))`` (``thresher.comm.TopKCodec``: top-k per chunk, 2-bit values
+with a per-chunk scale, 12-bit indices; ``e`` loses what was sent), and the messages are
+all-gathered and averaged over the ranks that sent each index
+(``thresher.comm.sparse_all_gather_mean``). Outer step: SGD lr 1, no momentum by default
 (the error buffer plays momentum's role, as in the paper). Bytes per sync: the packed
-messages (+ the 8-byte length header of the all_gather). Parameters smaller than one chunk
+messages plus a 16-byte header each (``thresher.comm.HEADER_BYTES``). Parameters smaller than one chunk
 (norm gains, biases) are averaged densely (4 bytes per element), a documented choice.
 
 Memory per parameter (float32): AdamW's two moments + the anchor (+ the outer momentum

@@ -32,8 +32,8 @@ Choices (ALGORITHMS.md marks them (choice); each is an argument):
 - ``outer``: "average" (θ = θ_anchor + Δ) or "nesterov" (DiLoCo's outer SGD with Nesterov
   momentum, ``outer_lr``/``outer_momentum``).
 - ``compression``: None (dense float32 all-reduce of Δ), or a codec name ("topk",
-  "quant8", "quant4", "quant2"; settings in ``compression_options``, e.g. ``dict(k=64,
-  chunk=4096, bits=2)``; the kernels are ``thresher.ops.compress``'s) applied to every
+  "quant8", "quant4", "quant2", or a ``thresher.comm.Codec``; settings in
+  ``compression_options``, e.g. ``dict(k=64, chunk=4096, bits=2)``) applied to every
   matrix's Δ^m (low-rank or not: the embedding is often the largest) with its own
   error-feedback buffer, all-gathered and averaged (top-k: over the ranks that sent each
   index); vectors and scalars are always averaged densely (they are tiny).
@@ -45,8 +45,8 @@ form Δ), plus p·q·4 for the outer momentum ("nesterov") and p·q·4 for the c
 buffer (compression). AdamW's state is 2·p·q·4 for comparison.
 
 Bytes: a dense sync sends ``4 · Σ numel`` (all parameters) per rank; ``init_proj="grad"``
-adds ``4 · Σ numel(matrices)`` once; a codec sync sends the packed matrices (plus the 8-byte
-length header of the all_gather) and ``4 · Σ numel(vectors)``.
+adds ``4 · Σ numel(matrices)`` once; a codec sync sends each matrix's packed message plus
+a 16-byte header (``thresher.comm``'s accounting) and ``4 · Σ numel(vectors)``.
 """
 from __future__ import annotations
 
