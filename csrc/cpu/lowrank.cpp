@@ -138,8 +138,12 @@ void run_moments(void (*fn)(const Moments<T>&, long, int), uintptr_t r, uintptr_
                      rows, cols, row_stride, col_stride, reinterpret_cast<T*>(dsum), c};
   const int kind = col_stride == 1 ? 0 : (row_stride == 1 ? 1 : 2);
   const long tasks = kind == 0 ? (cols + COL_BLOCK - 1) / COL_BLOCK : cols;
-  // Small problems (tests, tiny matrices) stay on one thread: a parallel region costs ~us.
-  const int nt = static_cast<double>(rows) * cols < 32768.0 ? 1 : threads;
+  // The low-rank tensors are small (256 x 5632 = 1.4M elements: ~5 ms on one core), so one
+  // thread unless there are >= 4M elements. Waking a second OpenMP thread costs ~us on an
+  // idle machine, but measured here, with the 2 cores shared by many processes, a parallel
+  // region waits for its descheduled partner: 1024 x 128 took 0.27 ms on one thread and
+  // 18.7 ms on two; 256 x 5632 5.5 ms vs 16.6 ms.
+  const int nt = static_cast<double>(rows) * cols < 4194304.0 ? 1 : threads;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (long t = 0; t < tasks; ++t) fn(a, t, kind);
 }
@@ -197,7 +201,8 @@ void run_fullrank(void (*fn)(const FullRank<T>&, long), uintptr_t p, uintptr_t g
                   long rows, long cols, long p_stride, long g_stride, int axis, int threads) {
   const FullRank<T> a{reinterpret_cast<T*>(p), reinterpret_cast<const T*>(g),
                       reinterpret_cast<const T*>(w), rows, cols, p_stride, g_stride, axis};
-  const int nt = static_cast<double>(rows) * cols < 65536.0 ? 1 : threads;
+  // Full-size tensors: parallel from 1M elements (see run_moments for why not below).
+  const int nt = static_cast<double>(rows) * cols < 1048576.0 ? 1 : threads;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (long i = 0; i < rows; ++i) fn(a, i);
 }
