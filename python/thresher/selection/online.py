@@ -369,6 +369,13 @@ def fit_reference(reference: nn.Module, optimizer: torch.optim.Optimizer, steps:
     was = reference.training
     reference.train()
     tokens = 0
+    if train_batch is not None and lam > 0:
+        # rows whose weights are all zero add nothing to the weighted mean (numerator or
+        # denominator): drop them once, so a gamma-selection costs gamma of the batch
+        ti, tl, alpha = train_batch
+        rows = alpha > 0 if alpha.dim() == 1 else (alpha > 0).any(1)
+        if not bool(rows.all()):
+            train_batch = (ti[rows], tl[rows], alpha[rows])
     for _ in range(steps):
         vi, vl = val.next(device)
         loss = reference.loss(vi, vl)
