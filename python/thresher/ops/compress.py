@@ -404,25 +404,29 @@ def _stream(t):
 
 
 def _cuda_topk_encode(x, error, k, chunk, bits, out):
-    _native.cuda_ext().topk_encode(x.data_ptr(), _native.DTYPE_CODES[x.dtype], _native.ptr(error),
-                                   x.numel(), k, chunk, bits, out.data_ptr(), _stream(x))
+    with _on_device(x):  # the launchers use the current device's stream
+        _native.cuda_ext().topk_encode(x.data_ptr(), _native.DTYPE_CODES[x.dtype], _native.ptr(error),
+                                       x.numel(), k, chunk, bits, out.data_ptr(), _stream(x))
 
 
 def _cuda_topk_decode(payload, lay, out, count):
-    _native.cuda_ext().topk_decode(payload.data_ptr(), lay.n, lay.k, lay.chunk, lay.bits,
-                                   out.data_ptr(), _native.ptr(count), _stream(out))
+    with _on_device(out):
+        _native.cuda_ext().topk_decode(payload.data_ptr(), lay.n, lay.k, lay.chunk, lay.bits,
+                                       out.data_ptr(), _native.ptr(count), _stream(out))
     return 0  # out-of-chunk indices are skipped on the GPU, not counted (no host sync)
 
 
 def _cuda_quant_encode(x, error, bits, block, scaling, out):
-    _native.cuda_ext().quant_encode(x.data_ptr(), _native.DTYPE_CODES[x.dtype], _native.ptr(error),
-                                    x.numel(), block, bits, _SCALING_CODE[scaling], out.data_ptr(),
-                                    _stream(x))
+    with _on_device(x):
+        _native.cuda_ext().quant_encode(x.data_ptr(), _native.DTYPE_CODES[x.dtype], _native.ptr(error),
+                                        x.numel(), block, bits, _SCALING_CODE[scaling],
+                                        out.data_ptr(), _stream(x))
 
 
 def _cuda_quant_decode(payload, lay, out):
-    _native.cuda_ext().quant_decode(payload.data_ptr(), lay.n, lay.block, lay.bits,
-                                    _SCALING_CODE[lay.scaling], out.data_ptr(), _stream(out))
+    with _on_device(out):
+        _native.cuda_ext().quant_decode(payload.data_ptr(), lay.n, lay.block, lay.bits,
+                                        _SCALING_CODE[lay.scaling], out.data_ptr(), _stream(out))
 
 
 def _triton_module():
