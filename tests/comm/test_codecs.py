@@ -139,3 +139,17 @@ def test_bf16_and_fp16_inputs():
     e = torch.zeros(2000)
     QuantCodec().encode(_x((2000,), dtype=torch.bfloat16), error=e)
     assert float(e.abs().max()) > 0
+
+
+def test_decode_counts_where_values_land():
+    x = _x((3000,), seed=6)
+    topk = TopKCodec(k=8, chunk=500)
+    count = torch.zeros(3000, dtype=torch.int32)
+    y = topk.decode(topk.encode(x), count=count)
+    assert torch.equal(count, (y != 0).int()) and int(count.sum()) == 48
+    quant = QuantCodec(bits=4, block=100)
+    out = torch.zeros(3000, dtype=torch.float64)  # the temporary-buffer path counts too
+    quant.decode(quant.encode(x), out=out, count=count)
+    assert torch.equal(count, (y != 0).int() + 1)
+    with pytest.raises(ValueError, match="count must be"):
+        quant.decode(quant.encode(x), count=torch.zeros(5, dtype=torch.int32))

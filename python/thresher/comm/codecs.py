@@ -94,25 +94,37 @@ class Codec:
                              f"got {data.numel()}")
         return Packed(data, shape, dtype, self)
 
-    def decode(self, packed: Packed, out: Tensor | None = None) -> Tensor:
+    def decode(self, packed: Packed, out: Tensor | None = None,
+               count: Tensor | None = None) -> Tensor:
         """The decoded tensor (shape and dtype of the encoded x); with ``out``, adds it into
-        ``out`` (any float dtype, same number of elements) and returns ``out``."""
+        ``out`` (any float dtype, same number of elements) and returns ``out``. ``count``
+        (int32, same number of elements, contiguous) gets +1 wherever the message carries a
+        value -- every element for dense codecs, the sent indices for top-k -- which is what
+        a mean over the ranks that sent each index needs (see sparse_all_gather_mean)."""
         if not isinstance(packed, Packed):
             raise TypeError(f"packed must be a thresher.comm.Packed, got {type(packed).__name__}")
         n = packed.numel
         dev = packed.data.device
+        if count is not None:
+            check_tensor("count", count, dtypes=(torch.int32,), device=dev)
+            if count.numel() != n or not count.is_contiguous():
+                raise ValueError(f"count must be a contiguous int32 tensor of {n} elements")
+            count = count.view(-1)
+            if not self.sparse:
+                count += 1
+        sparse_count = count if self.sparse else None
         if out is None:
             acc = torch.zeros(n, dtype=torch.float32, device=dev)
-            self._decode_add(packed, acc, None)
+            self._decode_add(packed, acc, sparse_count)
             return acc.view(packed.shape).to(packed.dtype)
         check_tensor("out", out, dtypes=_FLOAT + (torch.float64,), device=dev)
         if out.numel() != n:
             raise ValueError(f"out must have {n} elements, got {out.numel()}")
         if out.dtype == torch.float32 and out.is_contiguous():
-            self._decode_add(packed, out.view(-1), None)
+            self._decode_add(packed, out.view(-1), sparse_count)
         else:
             acc = torch.zeros(n, dtype=torch.float32, device=dev)
-            self._decode_add(packed, acc, None)
+            self._decode_add(packed, acc, sparse_count)
             out.add_(acc.view(out.shape).to(out.dtype))
         return out
 

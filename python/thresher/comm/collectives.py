@@ -117,11 +117,7 @@ def sparse_all_gather_mean(packed: Packed, group=None, out: Tensor | None = None
     acc = torch.zeros(n, dtype=torch.float32, device=dev)
     count = torch.zeros(n, dtype=torch.int32, device=dev) if codec.sparse else None
     for m in msgs:
-        p = Packed(m, packed.shape, packed.dtype, codec)
-        if codec.sparse:
-            codec._decode_add(p, acc, count)
-        else:
-            codec._decode_add(p, acc, None)
+        codec.decode(Packed(m, packed.shape, packed.dtype, codec), out=acc, count=count)
     if codec.sparse:
         mean = torch.where(count > 0, acc / count.clamp_min(1), torch.zeros_like(acc))
     else:
