@@ -235,6 +235,35 @@ def run_case(p, q, rank, args, svd_cache):
     return row
 
 
+def gpu_section(p, q, r, with_aot):
+    """What a GPU-less machine can say about the GPU path of one step at (p, q, r): bytes and
+    FLOPs per kernel and the H100 roofline time (bf16 storage: tensor cores; the GEMM-epilogue
+    update kernel reads W (and G in LoRDO mode) once and writes W once), plus registers and
+    spills of every Triton kernel AOT-compiled for sm_90."""
+    side = choose_side((p, q))
+    big, small = (q, p) if side == "left" else (p, q)  # R is r x big
+    b = 2  # bf16
+    rows = []
+    for name, nbytes, flops in (
+        ("projection GEMM (cuBLAS)", b * (p * q + small * r + r * big), 2.0 * p * q * r),
+        ("moments (Triton/CUDA)", b * 6 * r * big + 4 * big, 10.0 * r * big),
+        ("update GEMM+epilogue (Triton), GaLore", b * (2 * p * q + small * r + r * big),
+         2.0 * p * q * r),
+        ("update GEMM+epilogue (Triton), LoRDO", b * (3 * p * q + small * r + r * big) + 4 * small,
+         2.0 * p * q * r + 2.0 * p * q),
+    ):
+        rows.append({"kernel": name, "bytes": nbytes, "flops": flops,
+                     "h100_us": 1e6 * C.roofline_seconds(bytes_moved=nbytes, flops=flops)})
+    aot = []
+    if with_aot:
+        try:
+            from thresher.kernels import lowrank as K
+            aot = K.aot_compile_stats(90)
+        except Exception as exc:  # noqa: BLE001 - no triton / ptxas: say so
+            aot = [{"error": f"{type(exc).__name__}: {exc}"}]
+    return rows, aot
+
+
 COLUMNS = [
     ("shape", "shape"), ("rank", "r"),
     ("step_thresher_ms", "thresher step ms", ".1f"),
@@ -301,7 +330,19 @@ def main(argv=None) -> int:
               f"target >= 1.25x")
         print(f"  thresher step = {h['step_over_floor']:.2f}x the two-GEMM floor "
               f"(GaLoreAdamW's: {h['galore_step_over_floor']:.2f}x)")
-    paths = C.write_results(args.out, NAME + ("_quick" if args.quick else ""), rows, meta)
+    gp, gq, gr = (2048, 5632, 256) if not args.quick else (1024, 1024, 128)
+    groof, aot = gpu_section(gp, gq, gr, with_aot=not args.quick)
+    print(f"\nGPU path at {gp}x{gq}, rank {gr}, bf16 (H100 roofline: 3.35 TB/s, 990 TFLOP/s):")
+    print(C.markdown_table(groof, [("kernel", "kernel"), ("bytes", "MB", lambda v: f"{v / 1e6:.1f}"),
+                                   ("flops", "GFLOP", lambda v: f"{v / 1e9:.2f}"),
+                                   ("h100_us", "H100 us", ".1f")]))
+    if aot:
+        print("\nTriton kernels AOT-compiled for sm_90:")
+        print(C.markdown_table(aot, [("kernel", "kernel"), ("dtype", "dtype"),
+                                     ("num_warps", "warps"), ("n_regs", "registers"),
+                                     ("n_spills", "spill bytes"), ("error", "error")]))
+    paths = C.write_results(args.out, NAME + ("_quick" if args.quick else ""), rows, meta,
+                            gpu_roofline=groof, triton_aot_sm90=aot)
     print(f"\nwrote {paths['csv']} and {paths['json']} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

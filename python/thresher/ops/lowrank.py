@@ -284,12 +284,6 @@ def _reference_moments(R, m, v, side, b1, b2, bc1, bc2, eps, want_dsum):
     return vhat.sum(0 if side == "left" else 1)
 
 
-def _reference_fullrank(param, grad, w, side):
-    acc = _acc(param.dtype)
-    wb = w[None, :] if side == "left" else w[:, None]
-    param.copy_(param.to(acc) - grad.to(acc) * wb.to(acc))
-
-
 def _cpu_moments(R, m, v, side, b1, b2, bc1, bc2, eps, want_dsum):
     rows, cols, rs, cs = _moment_view(R, side)
     dsum = torch.empty(cols, dtype=R.dtype) if want_dsum else None
@@ -321,9 +315,11 @@ def _cuda_moments(R, m, v, side, b1, b2, bc1, bc2, eps, want_dsum):
 
 
 def _cuda_fullrank(param, grad, w, side):
+    # w: float32, contiguous (the caller keeps it alive until the asynchronous kernel ran:
+    # it is freed to the caching allocator, whose reuse is ordered on this stream)
     p, q = param.shape
     _native.cuda_ext().lowrank_fullrank_update(
-        param.data_ptr(), grad.data_ptr(), w.float().contiguous().data_ptr(), p, q,
+        param.data_ptr(), grad.data_ptr(), w.data_ptr(), p, q,
         param.stride(0), grad.stride(0), _native.DTYPE_CODES[param.dtype],
         0 if side == "left" else 1, _stream(param))
 
@@ -401,9 +397,8 @@ def _step_impl(backend, param, grad, Q, m, v, side, step, lr, b1, b2, eps, wd, s
             param.addmm_(N, Q.T, beta=beta, alpha=alpha)
     elif beta != 1.0:
         param.mul_(beta)
-    if w is not None:
-        (_cpu_fullrank if backend == "cpu" else _cuda_fullrank)(param, grad, w.to(param.dtype)
-                                                               if backend == "cpu" else w, side)
+    if w is not None:  # w is in the accumulation dtype: param's on the CPU, float32 on CUDA
+        (_cpu_fullrank if backend == "cpu" else _cuda_fullrank)(param, grad, w.contiguous(), side)
 
 
 def reference_lowrank_adam_step(param, grad, Q, exp_avg, exp_avg_sq, *, side, step, lr, beta1,
