@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -39,6 +38,7 @@ from thresher.data import Document, embedded_corpus, load_tokenizer, pack, read_
 from thresher.data.embedded import CORRUPTION_KINDS, _corrupt  # noqa: E402
 from thresher.models.gpt import GPT, GPTConfig  # noqa: E402
 from thresher.selection.base import build_scorer, per_sample_losses  # noqa: E402
+from thresher.selection.metrics import auroc, tokens_to_reach, tokens_to_target_speedup  # noqa: E402
 from thresher.selection.strategies import select_topk  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -175,15 +175,6 @@ def scorer_options(method, a):
     }[method]
 
 
-def auroc(scores, bad):
-    """P(score of a clean doc > score of a corrupted doc), ties count 1/2 (Mann-Whitney);
-    pairwise, fine for a few thousand documents."""
-    good, badv = scores[~bad][:, None], scores[bad][None, :]
-    if not good.size or not badv.size:
-        return float("nan")
-    return float((good > badv).mean() + 0.5 * (good == badv).mean())
-
-
 def train_and_eval(samples, ev, a, seed, vocab):
     """Fresh GPT (same seed for every method), ``train_steps`` AdamW steps on batches drawn
     uniformly from ``samples``; validation loss every ``eval_every`` steps.
@@ -205,14 +196,6 @@ def train_and_eval(samples, ev, a, seed, vocab):
             curve.append((step * a.train_batch * a.seq_len,
                           float(per_sample_losses(model, ev, batch_size=128).mean())))
     return curve
-
-
-def tokens_to(curve, level):
-    """First token count at which the curve reaches ``level`` (linear interpolation)."""
-    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
-        if l1 <= level:
-            return t0 + (t1 - t0) * (l0 - level) / (l0 - l1) if l0 > level else t0
-    return math.inf
 
 
 def throughput(scorer, proxy, pool, repeats=2):
@@ -253,7 +236,7 @@ def main(argv=None):
             idx = select_topk(scores, a.fraction)
             doc = pool.doc_scores(scores, "mean")
             has = ~np.isnan(doc)
-            au = auroc(doc[has], data["labels"][has])
+            au = auroc(doc[has], ~data["labels"][has])  # clean docs should score higher
             share = {s: float(np.mean(data["source"][pool.doc_index[idx]] == s))
                      for s in ("wiki", "shakespeare")}
             share["corrupted"] = float(np.mean(data["labels"][pool.doc_index[idx]]))
@@ -268,15 +251,6 @@ def main(argv=None):
                   flush=True)
             if m == "bliss" and thr is None:
                 thr = throughput(sc, sc.proxy, pool)
-    # tokens-to-target vs random (per seed)
-    for r in rows:
-        if ("random", r["seed"]) not in curves:
-            continue
-        rc = curves[("random", r["seed"])]
-        level = rc[-1][1]
-        tr, tm = tokens_to(rc, level), tokens_to(curves[(r["method"], r["seed"])], level)
-        r["tokens_to_random_final"] = tm
-        r["speedup_vs_random"] = tr / tm if math.isfinite(tm) and tm > 0 else float("nan")
     meta = collect_metadata(**{"experiment": "selection", "args": vars(a), "data": data["info"],
                                "throughput_samples_per_s": thr,
                                "wall_s": time.time() - t0})
@@ -299,6 +273,13 @@ def merge(paths, out, name):
 
 
 def report(rows, curves, meta, out, name):
+    # tokens-to-target vs random (per seed)
+    for r in rows:
+        if ("random", r["seed"]) not in curves:
+            continue
+        rc, mc = curves[("random", r["seed"])], curves[(r["method"], r["seed"])]
+        r["tokens_to_random_final"] = tokens_to_reach(mc, rc[-1][1])
+        r["speedup_vs_random"] = tokens_to_target_speedup(rc, mc)  # 0: never reaches it
     summary = summarise(rows)
     thr = meta.get("throughput_samples_per_s")
     paths = write_results(out, name, rows, meta, summary=summary,
