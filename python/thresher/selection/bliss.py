@@ -30,7 +30,8 @@ Our choices (documented options; the paper's value in brackets):
   ``lr_z = 1.0`` [1e-2]: with a token-mean loss the Hessian's top eigenvalues of a tiny LM
   are O(1), so 3 steps of 1e-2 leave z ~ 0.03 F -- in direction just the first-order
   gradient alignment; 1.0 makes the 3 loops a real (if truncated) Neumann series;
-  ``warmup_steps = 100``, ``outer_steps = 60``, ``batch_size = 32``. inner_steps 5,
+  ``warmup_steps = 100``, ``outer_steps = 60``, ``batch_size = 32``, proxy/score backbone
+  ``dict(d_model=64, n_layers=2, n_heads=2)``. inner_steps 5,
   z_loops 3, lambda_z 1e-2, lam 1e-7, betas (0.9, 0.95), weight decay 0.1, clip 1.0 as the
   paper.
 - Scores are ``s`` in (0, 1) (sigmoid), as the paper: ``softmax(s)`` then bounds the weight
@@ -54,8 +55,8 @@ from thresher.models.gpt import ScoreModel
 from .base import Scorer, check_samples, load_checkpoint, make_adamw, make_lm, register_scorer, \
     save_checkpoint, train_lm
 
-__all__ = ["BlissConfig", "BlissScorer", "bliss_hypergradient", "batched_directional_derivative",
-           "kl_to_target"]
+__all__ = ["PAPER_DEFAULTS", "BlissConfig", "BlissScorer", "bliss_hypergradient",
+           "batched_directional_derivative", "kl_to_target"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -124,6 +125,13 @@ def kl_to_target(proxy_logits: Tensor, target_logits: Tensor, mask: Tensor) -> T
 # ----------------------------------------------------------------------------------------
 # Scorer
 # ----------------------------------------------------------------------------------------
+
+
+# The paper's reference hyper-parameters (ALGORITHMS.md §1; Pythia-31M/160M proxies, GPU):
+# ``build_scorer("bliss", vocab_size=V, model="base", **PAPER_DEFAULTS)``. The class
+# defaults below are the ones that move a ~0.1M-parameter proxy within a CPU minute.
+PAPER_DEFAULTS = dict(inner_steps=5, z_loops=3, lr_z=1e-2, lambda_z=1e-2, reg=1e-7,
+                      proxy_lr=1e-5, score_lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
 
 
 @dataclass
