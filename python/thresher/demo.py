@@ -35,12 +35,12 @@ from pathlib import Path
 
 # Sizes per mode. quick: what CI runs (<= 2 min on 2 cores); default: <= 10 min.
 MODES = {
-    "quick": dict(embedded="quick", vocab=1024, seq_len=64, steps=60, batch=8, eval_every=20,
+    "quick": dict(embedded="quick", max_pool_docs=400, vocab=1024, seq_len=64, steps=60, batch=8, eval_every=20,
                   bliss=dict(warmup_steps=30, outer_steps=10, batch_size=16, val_batch_size=16,
                              model=dict(d_model=64, n_layers=2, n_heads=2)),
                   loss=dict(steps=40, batch_size=16), blade=dict(tau=20, ref_steps=5),
                   model=dict(d_model=64, n_layers=2, n_heads=2), sync_every=8, rank=16),
-    "default": dict(embedded="default", vocab=4096, seq_len=128, steps=300, batch=8,
+    "default": dict(embedded="default", max_pool_docs=2000, vocab=4096, seq_len=128, steps=300, batch=8,
                     eval_every=50,
                     bliss=dict(warmup_steps=100, outer_steps=60, batch_size=32,
                                val_batch_size=32),
@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fraction", type=float, default=0.2, help="fraction of the pool to keep")
     p.add_argument("--nproc", type=int, default=2, help="local gloo ranks for training")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
+    p.add_argument("--max-pool-docs", type=int, default=None,
+                   help="score at most this many pool documents, evenly spread (default: "
+                        "400 with --quick, 2000 otherwise; 0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes)")
     p.add_argument("--out", default="thresher-demo")
@@ -78,6 +81,8 @@ def _check(args) -> None:
         raise ValueError(f"--fraction must be in (0, 1], got {args.fraction}")
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.max_pool_docs is not None and args.max_pool_docs < 0:
+        raise ValueError(f"--max-pool-docs must be >= 0, got {args.max_pool_docs}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     for name in ("pool", "target"):
@@ -104,6 +109,13 @@ def stage_data(args, cfg, out: Path) -> dict:
     else:
         pool = list(read_documents(args.pool, args.text_field))
         target = list(read_documents(args.target, args.text_field))
+    cap = cfg["max_pool_docs"] if args.max_pool_docs is None else args.max_pool_docs
+    if cap and len(pool) > cap:  # an even spread keeps the mix of sources and corruptions
+        import numpy as np
+
+        keep = np.unique(np.linspace(0, len(pool) - 1, cap).round().astype(np.int64))
+        pool = [pool[i] for i in keep]
+        labels = None if labels is None else np.asarray(labels)[keep]
     if not pool or len(target) < 2:
         raise ValueError(f"need a non-empty pool and at least 2 target documents, got "
                          f"{len(pool)} and {len(target)}")
