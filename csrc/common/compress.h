@@ -90,10 +90,16 @@ THR_HD float inv_scale(float scale) { return scale == 0.0f ? 0.0f : div_rn(0.5f,
 
 THR_HD uint32_t quantize(float v, float offset, float inv, int bits) {
   const float half_levels = static_cast<float>(1 << (bits - 1));
-  float t = floorf(mul_rn(sub_rn(v, offset), inv));
-  // fmaxf/fminf return the number when t is NaN: a NaN value gets code 0 (deterministic).
-  t = fminf(fmaxf(t, -half_levels), half_levels - 1.0f);
-  return static_cast<uint32_t>(static_cast<int>(t) + (1 << (bits - 1)));
+  float t = mul_rn(sub_rn(v, offset), inv);
+  // Clamp first (floor and clamp commute here), so t fits an int; a NaN fails both compares
+  // and becomes -L/2, i.e. code 0, deterministically.
+  t = t > -half_levels ? t : -half_levels;
+  t = t < half_levels - 1.0f ? t : half_levels - 1.0f;
+  // floor by truncation and a correction: exact, and no libm call (baseline x86-64 has no
+  // SSE4.1 roundss, so floorf would be a function call per element on the CPU).
+  int f = static_cast<int>(t);
+  f -= static_cast<float>(f) > t;
+  return static_cast<uint32_t>(f + (1 << (bits - 1)));
 }
 
 THR_HD float dequantize(uint32_t q, float offset, float scale, int bits) {
