@@ -1,8 +1,8 @@
 """Experiment: LoRDO against the distributed baselines at an equal token budget.
 
 4 gloo ranks on this CPU train the same small GPT (``thresher train``) with DDPAdamW,
-LowRankDDP, DiLoCo, SparseLoCo, LoRDO (sync_every 8 and 32, an omega sweep) and LoRDO with a
-compressed sync; every run sees the same batches (same seed, same sampler). Reported per run:
+LowRankDDP, DiLoCo, SparseLoCo, LoRDO (sync_every 8, 16 and 32, an omega sweep, plain
+averaging and the outer Nesterov step) and LoRDO with a compressed sync (quant4, top-k); every run sees the same batches (same seed, same sampler). Reported per run:
 final validation loss, bytes sent per rank, wall time, optimizer-state bytes per rank; a
 Markdown table, a CSV and a loss-vs-bytes plot in --out. Seeds are fixed; a second seed
 (by default only for the headline runs, to keep CPU time down) shows the spread.
@@ -35,16 +35,32 @@ CONFIGS = {
     "lowrank-ddp": ["--optimizer", "lowrank-ddp"],
     "diloco-H16": ["--optimizer", "diloco", "--sync-every", "16"],
     "sparseloco-H16": ["--optimizer", "sparseloco", "--sync-every", "16"],
-    "lordo-K8-w0.5": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5"],
-    "lordo-K32-w0.5": ["--optimizer", "lordo", "--sync-every", "32", "--omega", "0.5"],
-    "lordo-K8-w0.25": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.25"],
-    "lordo-K8-w0.75": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.75"],
+    "lordo-K8-w0.5": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5",
+                      "--outer", "average"],
+    "lordo-K32-w0.5": ["--optimizer", "lordo", "--sync-every", "32", "--omega", "0.5",
+                       "--outer", "average"],
+    "lordo-K8-w0.25": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.25",
+                       "--outer", "average"],
+    "lordo-K8-w0.75": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.75",
+                       "--outer", "average"],
     "lordo-K8-quant4": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5",
-                        "--compression", "quant4"],
+                        "--compression", "quant4", "--outer", "average"],
     "lordo-K8-topk": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5",
-                      "--compression", "topk"],
+                      "--compression", "topk", "--outer", "average"],
+    # outer Nesterov (DiLoCo's outer step, lr 0.7, momentum 0.9) instead of plain averaging
+    "lordo-K8-nesterov": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5",
+                          "--outer", "nesterov"],
+    "lordo-K32-nesterov": ["--optimizer", "lordo", "--sync-every", "32", "--omega", "0.5",
+                           "--outer", "nesterov"],
+    "lordo-K16-nesterov": ["--optimizer", "lordo", "--sync-every", "16", "--omega", "0.5",
+                           "--outer", "nesterov"],
+    "lordo-K16-w0.25-nesterov": ["--optimizer", "lordo", "--sync-every", "16", "--omega", "0.25",
+                                 "--outer", "nesterov"],
+    "lordo-K8-quant4-nesterov": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5",
+                                 "--outer", "nesterov", "--compression", "quant4"],
 }
-HEADLINE = ["lowrank-ddp", "lordo-K32-w0.5", "lordo-K8-quant4", "lordo-K8-topk"]
+HEADLINE = ["lowrank-ddp", "lordo-K32-w0.5", "lordo-K8-quant4", "lordo-K8-topk",
+            "lordo-K16-nesterov", "lordo-K8-quant4-nesterov"]
 
 
 def default_corpus():

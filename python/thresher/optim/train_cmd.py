@@ -77,7 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--omega", type=float, default=0.5)
     g.add_argument("--mu", type=float, default=1.0)
     g.add_argument("--clip", type=float, default=1.0)
-    g.add_argument("--outer", choices=("average", "nesterov"), default="average")
+    g.add_argument("--outer", choices=("average", "nesterov"), default="nesterov",
+                   help="lordo's outer step (default nesterov: better than plain averaging in "
+                        "benchmarks/exp_optimizers.py)")
     g.add_argument("--outer-lr", type=float, default=None,
                    help="outer SGD lr (default: 0.7 DiLoCo / lordo nesterov, 1.0 SparseLoCo)")
     g.add_argument("--outer-momentum", type=float, default=None,
