@@ -108,7 +108,10 @@ def powersgd_compress(x, e, q):
 # ----------------------------------------------------------------------------------------
 
 
-def throughput(n, repeats, copy_gbps):
+TARGET_IMPLS = ("topk thresher cpu (fused)", "topk plain PyTorch")
+
+
+def throughput(n, repeats, copy_gbps, only=None):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, generator=g)
     errs = {name: torch.zeros(n) for name in ("cpu", "plain", "reference", "powersgd", "q8cpu", "q8ref")}
@@ -122,6 +125,8 @@ def throughput(n, repeats, copy_gbps):
         "quant8 thresher cpu": lambda: ops.quantize_blockwise(x, errs["q8cpu"], bits=8, block=256, backend="cpu"),
         "quant8 thresher reference": lambda: ops.quantize_blockwise(x, errs["q8ref"], bits=8, block=256, backend="reference"),
     }
+    if only:
+        calls = {k: v for k, v in calls.items() if k in only}
     for fn in calls.values():  # warm-up (first touch of the error buffers, first-call costs)
         fn()
     enc = C.time_interleaved(calls, repeats=repeats, min_sample_s=0.0)
@@ -138,6 +143,8 @@ def throughput(n, repeats, copy_gbps):
         "quant8 thresher cpu": lambda: ops.dequantize_blockwise(q8, n, out=outs["q8cpu"], backend="cpu"),
         "quant8 thresher reference": lambda: ops.dequantize_blockwise(q8, n, out=outs["q8ref"], backend="reference"),
     }
+    if only:
+        dcalls = {k: v for k, v in dcalls.items() if k in only}
     for fn in dcalls.values():
         fn()
     dec = C.time_interleaved(dcalls, repeats=repeats, min_sample_s=0.0)
@@ -232,6 +239,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="2M elements, 3 repeats (< 60 s)")
     ap.add_argument("--numel", type=int, default=None, help="elements (default 64M, quick 2M)")
     ap.add_argument("--gpu-report", action="store_true", help="AOT-compile the Triton kernels for sm_90")
+    ap.add_argument("--target-only", action="store_true",
+                    help="only the headline pair (fused top-k vs plain PyTorch), no error table")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -241,8 +250,8 @@ def main(argv=None):
     repeats = 3 if args.quick else args.repeats
     t0 = time.time()
     copy = C.measure_copy_bandwidth(min(256 * C.MiB, 4 * n), repeats=3)
-    rows = throughput(n, repeats, copy["copy_gbps"])
-    erows = error_table(min(n, 2**22) if not args.quick else 2**19)
+    rows = throughput(n, repeats, copy["copy_gbps"], TARGET_IMPLS if args.target_only else None)
+    erows = [] if args.target_only else error_table(min(n, 2**22) if not args.quick else 2**19)
     meta = C.collect_metadata(numel=n, k=K, chunk=CHUNK, bits=BITS, **copy,
                               threads=torch.get_num_threads())
     sections = {}
@@ -259,9 +268,10 @@ def main(argv=None):
     print(f"\nfused top-k encode: {fused['encode_vs_plain']:.2f}x the plain-PyTorch composition "
           f"(target >= 3x: {'met' if fused['encode_vs_plain'] >= 3 else 'NOT met'}); "
           f"{fused['encode_copy_fraction']:.0%} of copy bandwidth at 12 B/element")
-    steps_key = [k for k in erows[0] if k.startswith("rel_err_ef_")][0]
-    print(f"\n## Relative error vs bytes sent ({erows[0]['numel'] / 2**20:.0f}M Gaussian elements)\n")
-    print(C.markdown_table(erows, [
+    steps_key = [k for k in erows[0] if k.startswith("rel_err_ef_")][0] if erows else ""
+    if erows:
+        print(f"\n## Relative error vs bytes sent ({erows[0]['numel'] / 2**20:.0f}M Gaussian elements)\n")
+    print("" if not erows else C.markdown_table(erows, [
         ("codec", "codec"), ("bytes", "bytes", ","), ("ratio", "x smaller", ".1f"),
         ("bits_per_elem", "bits/elem", ".3f"), ("rel_err_one_shot", "rel err (one shot)", ".4f"),
         (steps_key, "rel err, EF, sum of 10 steps", ".4f")]))
