@@ -8,7 +8,7 @@ interleaved round-robin on the same gradient, medians with p20/p80:
 * ``step``: one optimizer step with the basis already in place (no refresh), for
   thresher, GaLoreAdamW and AdamW (foreach, fused);
 * ``refresh``: recomputing the basis: thresher's randomised SVD (``proj="random"``: sketch of
-  r + 8 columns, 2 power iterations, Rayleigh-Ritz) and warm-started power iteration
+  r + max(8, r/8) columns, 2 power iterations, Rayleigh-Ritz) and warm-started power iteration
   (``proj="power"``, one iteration from the previous basis), against galore-torch's full
   ``torch.linalg.svd`` (what GaLoreAdamW runs every ``update_proj_gap`` steps);
 * ``amortised`` = step + refresh / gap (gap 200), thresher with ``"random"`` (cold, the

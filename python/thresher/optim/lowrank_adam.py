@@ -65,7 +65,8 @@ class LowRankAdam(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: int | None = 128, update_proj_gap: int = 200,
                  scale: float = 0.25, proj: str = "svd", *, side: str = "auto",
-                 min_dim: int | None = None, niter: int | None = None, oversample: int = 8,
+                 min_dim: int | None = None, niter: int | None = None,
+                 oversample: int | None = None,
                  seed: int = 0, backend: str = "auto"):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
                         eps=eps, weight_decay=weight_decay, rank=rank,
@@ -94,7 +95,7 @@ class LowRankAdam(torch.optim.Optimizer):
         _check_int("update_proj_gap", g["update_proj_gap"], 1)
         _check_int("min_dim", g["min_dim"], 1, none_ok=True)
         _check_int("niter", g["niter"], 0, none_ok=True)
-        _check_int("oversample", g["oversample"], 0)
+        _check_int("oversample", g["oversample"], 0, none_ok=True)
         _check_int("seed", g["seed"], 0)
         check_choice("proj", g["proj"], METHODS)
         check_choice("side", g["side"], ("auto", "left", "right"))
