@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="lordo")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="lordo",
+                   help="adamw / lowrank-adam are ddp / lowrank-ddp (one rank: no communication)")
     g.add_argument("--rank", type=int, default=32, help="low-rank r (lordo, lowrank-*)")
     g.add_argument("--lowrank-embeddings", action="store_true",
                    help="also project the embedding matrix (default: plain Adam, as GaLore)")
@@ -479,8 +480,6 @@ def validate_args(args) -> None:
         v = getattr(args, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.optimizer in ("adamw", "lowrank-adam") and args.nproc > 1:
-        pass  # aliases of ddp / lowrank-ddp: with N ranks they average gradients
 
 
 def launch(args) -> dict:
