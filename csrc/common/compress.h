@@ -18,6 +18,8 @@
 // enable_fp_fusion=False), divisions and square roots are correctly rounded, and the mean /
 // sigma of a block are pairwise sums over the block zero-padded to a power of two (adjacent
 // pairs first: the tree a CUDA warp builds with shfl_down 1, 2, 4, ...).
+// One known exception: the CUDA module is built with --use_fast_math, i.e. flush-to-zero, so
+// subnormal values (|v| < 2^-126) and scales can differ from the CPU/reference bytes there.
 #pragma once
 
 #include <cstdint>
