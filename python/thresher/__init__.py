@@ -2,6 +2,7 @@
 efficient optimisation on one layer of fused kernels."""
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from . import comm, data, models, optim, selection
 from .ops import (
     LinearWeightedCrossEntropyLoss,
     WeightedCrossEntropyLoss,
@@ -17,6 +18,11 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "__version__",
+    "comm",
+    "data",
+    "models",
+    "optim",
+    "selection",
     "native_status",
     "weighted_cross_entropy",
     "linear_weighted_cross_entropy",
