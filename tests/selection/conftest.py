@@ -45,3 +45,14 @@ def synthetic():
     pattern_and_noise.Samples = Samples
     pattern_and_noise.TINY = TINY
     return pattern_and_noise
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run tiny models: on a shared, loaded CI machine two OpenMP threads spend
+    most of their time in barriers (measured 20x slower per step than one thread here).
+    Restored afterwards, so other test folders keep torch's default."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
