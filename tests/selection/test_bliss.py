@@ -180,6 +180,9 @@ def test_bliss_kl_term_and_multi_round(synthetic):
 
 def test_bliss_option_errors():
     assert bliss_mod.BlissConfig(**bliss_mod.PAPER_DEFAULTS).lr_z == 1e-2
+    assert build_scorer("bliss", vocab_size=10, steps=7, lr=0.5).cfg.outer_steps == 7
+    with pytest.raises(ValueError, match="alias"):
+        build_scorer("bliss", vocab_size=10, steps=7, outer_steps=8)
     with pytest.raises(ValueError, match="unknown option"):
         build_scorer("bliss", vocab_size=10, z_loop=3)
     with pytest.raises(ValueError, match="z_loops"):

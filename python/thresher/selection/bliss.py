@@ -188,7 +188,8 @@ def _ntok(labels):
 
 @register_scorer("bliss")
 class BlissScorer(Scorer):
-    """Options: the fields of :class:`BlissConfig`, plus ``target_model`` (an LM with the
+    """Options: the fields of :class:`BlissConfig` (``steps`` and ``lr`` are accepted as
+    aliases of ``outer_steps`` and ``proxy_lr``), plus ``target_model`` (an LM with the
     loss API to distil from when gamma > 0). ``fit`` runs the warm-up and the outer loop
     with atomic checkpoints every ``checkpoint_every`` outer steps; ``resume=True``
     continues bit-identically (RNG, optimizers and models are in the checkpoint).
@@ -198,6 +199,12 @@ class BlissScorer(Scorer):
         super().__init__(**kw)
         opts = dict(self.options)
         self.target_model = opts.pop("target_model", None)
+        # the generic options every scorer takes (``thresher score --steps/--lr``)
+        for alias, name in (("steps", "outer_steps"), ("lr", "proxy_lr")):
+            if alias in opts:
+                if name in opts:
+                    raise ValueError(f"give BLISS option {name} or its alias {alias}, not both")
+                opts[name] = opts.pop(alias)
         names = {f.name for f in dataclasses.fields(BlissConfig)}
         bad = sorted(set(opts) - names)
         if bad:
