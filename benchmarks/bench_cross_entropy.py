@@ -311,6 +311,7 @@ def prepare(spec: dict, x: dict | None = None):
             res = call()
             info.setdefault("loss", _loss_of(res))
             del res
+    call.restore()  # the warm-up may have overwritten the inputs (overwrite_logits)
     info["warmup_s"] = time.perf_counter() - t0
     return call, x, info
 
