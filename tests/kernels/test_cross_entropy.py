@@ -19,19 +19,18 @@ PyTorch in the input dtype, plus a tiny floor (2^-20 of the quantity's scale).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
 import traceback
 import zlib
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _children import Child, emit  # noqa: E402
+
 THIS = os.path.abspath(__file__)
-MARK = "@@RESULTS@@"
-CHILD_TIMEOUT_S = 600
 KERNEL_NAMES = ("ce_fwd", "ce_fwd_grad", "ce_bwd")
 DTYPES = ("fp32", "bf16", "fp16")
 REDUCTIONS = ("none", "sample", "sum", "mean")
@@ -330,33 +329,6 @@ def _child_aot(cc):
 # ----------------------------------------------------------------------------------------
 
 
-class _Child:
-    def __init__(self, args, interpret):
-        env = dict(os.environ)
-        if interpret:
-            env["TRITON_INTERPRET"] = "1"
-        else:
-            env.pop("TRITON_INTERPRET", None)
-        self.args = args
-        self.proc = subprocess.Popen([sys.executable, THIS, *args], env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._result = None
-
-    def result(self):
-        if self._result is None:
-            try:
-                out, err = self.proc.communicate(timeout=CHILD_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                out, err = self.proc.communicate()
-                pytest.fail(f"child {self.args} timed out\n{err[-4000:]}")
-            line = next((ln for ln in reversed(out.splitlines()) if ln.startswith(MARK)), None)
-            if self.proc.returncode != 0 or line is None:
-                pytest.fail(f"child {self.args} failed (rc {self.proc.returncode}):\n"
-                            f"{out[-2000:]}\n{err[-6000:]}")
-            self._result = json.loads(line[len(MARK):])
-        return self._result
-
 
 @pytest.fixture(scope="module")
 def children(request):
@@ -371,14 +343,14 @@ def children(request):
                 wanted["aot" + str(item.callspec.params["cc"])] = True
     kids = {}
     if wanted["interp"]:
-        kids["interp"] = _Child(["interp"], interpret=True)
+        kids["interp"] = Child(THIS, ["interp"], interpret=True)
     for cc in (80, 90):
         if wanted[f"aot{cc}"]:
-            kids[f"aot{cc}"] = _Child(["aot", str(cc)], interpret=False)
+            kids[f"aot{cc}"] = Child(THIS, ["aot", str(cc)], interpret=False)
     yield kids
     for kid in kids.values():
         if kid.proc.poll() is None:
-            kid.proc.kill()
+            kid.kill()
             kid.proc.communicate()
 
 
@@ -422,4 +394,4 @@ def test_aot_compiles_without_spills(children, cc):
 if __name__ == "__main__":
     mode = sys.argv[1]
     result = _child_interp() if mode == "interp" else _child_aot(int(sys.argv[2]))
-    print(MARK + json.dumps(result), flush=True)
+    emit(result)
