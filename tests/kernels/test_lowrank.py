@@ -15,17 +15,16 @@ result to the storage dtype once.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import traceback
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _children import Child, emit  # noqa: E402
+
 THIS = os.path.abspath(__file__)
-MARK = "@@RESULTS@@"
-CHILD_TIMEOUT_S = 600
 
 CASES = {}
 for _dt in ("fp32", "bf16", "fp16"):
@@ -170,41 +169,14 @@ def _child_aot():
     return {str(cc): K.aot_compile_stats(cc) for cc in (80, 90)}
 
 
-class _Child:
-    def __init__(self, args, interpret):
-        env = dict(os.environ)
-        if interpret:
-            env["TRITON_INTERPRET"] = "1"
-        else:
-            env.pop("TRITON_INTERPRET", None)
-        self.args = args
-        self.proc = subprocess.Popen([sys.executable, THIS, *args], env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._result = None
-
-    def result(self):
-        if self._result is None:
-            try:
-                out, err = self.proc.communicate(timeout=CHILD_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                out, err = self.proc.communicate()
-                pytest.fail(f"child {self.args} timed out\n{err[-4000:]}")
-            line = next((ln for ln in reversed(out.splitlines()) if ln.startswith(MARK)), None)
-            if self.proc.returncode != 0 or line is None:
-                pytest.fail(f"child {self.args} failed (rc {self.proc.returncode}):\n"
-                            f"{out[-2000:]}\n{err[-6000:]}")
-            self._result = json.loads(line[len(MARK):])
-        return self._result
-
 
 @pytest.fixture(scope="module")
 def children():
-    kids = {"interp": _Child(["interp"], True), "aot": _Child(["aot"], False)}
+    kids = {"interp": Child(THIS, ["interp"], True), "aot": Child(THIS, ["aot"], False)}
     yield kids
     for kid in kids.values():
         if kid.proc.poll() is None:
-            kid.proc.kill()
+            kid.kill()
             kid.proc.communicate()
 
 
@@ -239,4 +211,4 @@ def test_aot_compiles_without_spills(children, cc):
 
 if __name__ == "__main__":
     result = _child_interp() if sys.argv[1] == "interp" else _child_aot()
-    print(MARK + json.dumps(result), flush=True)
+    emit(result)
