@@ -32,12 +32,11 @@
 
 #include "common/compress.h"
 #include "common/math.h"
+#include "cpu/clones.h"
 
 namespace py = pybind11;
 
 namespace {
-
-#define THR_AI inline __attribute__((always_inline))
 
 using thr::cmp::QuantLayout;
 using thr::cmp::TopKLayout;

@@ -29,20 +29,11 @@
 #endif
 
 #include "common/math.h"
+#include "cpu/clones.h"
 
 namespace py = pybind11;
 
 namespace {
-
-#if defined(__x86_64__) && !defined(THRESHER_NO_CLONES)
-#define THR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define THR_CLONES
-#endif
-
-// Everything below is force-inlined into the ISA-cloned row functions, so that each clone
-// gets its own AVX2 / baseline copy (a non-inlined helper would only exist in baseline form).
-#define THR_AI inline __attribute__((always_inline))
 
 constexpr long BLOCK = 2048;  // floats per online-lse block: 8 KiB, stays in L1 for its two sweeps
 

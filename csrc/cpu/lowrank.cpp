@@ -32,17 +32,11 @@
 #include <string>
 
 #include "common/lowrank.h"
+#include "cpu/clones.h"
 
 namespace py = pybind11;
 
 namespace {
-
-#if defined(__x86_64__) && !defined(THRESHER_NO_CLONES)
-#define THR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define THR_CLONES
-#endif
-#define THR_AI inline __attribute__((always_inline))
 
 using thr::lowrank::AdamCoef;
 
