@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -36,7 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         modules[name] = module
         module.add_arguments(sub.add_parser(name, help=help_, description=help_))
     args = parser.parse_args(argv)
-    return int(modules[args.command].run(args) or 0)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        # Bad input: one clear line (the message names the argument), not a traceback.
+        # THRESHER_DEBUG=1 re-raises for the traceback.
+        if os.environ.get("THRESHER_DEBUG"):
+            raise
+        print(f"thresher {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

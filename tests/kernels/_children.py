@@ -54,3 +54,17 @@ class Child:
 def emit(result) -> None:
     """The child's last line: what ``Child.result`` parses."""
     print(MARK + json.dumps(result), flush=True)
+
+
+def run_jobs(jobs) -> dict:
+    """``{name: job()}`` for ``(name, job)`` pairs; a job that raises reports its traceback as
+    its list of problems (so one broken case fails one test, not the whole child)."""
+    import traceback
+
+    results = {}
+    for name, job in jobs:
+        try:
+            results[name] = job()
+        except Exception:  # noqa: BLE001
+            results[name] = [traceback.format_exc()]
+    return results

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _children import Child, emit  # noqa: E402
+from _children import Child, emit, run_jobs  # noqa: E402
 
 THIS = os.path.abspath(__file__)
 
@@ -117,13 +116,7 @@ def _child_interp():
     jobs = [("topk:" + k, lambda kw=kw: _topk_case(**kw)) for k, kw in TOPK_CASES.items()]
     jobs += [("quant:" + k, lambda kw=kw: _quant_case(**kw)) for k, kw in QUANT_CASES.items()]
     jobs += [("empty", _empty_case)]
-    results = {}
-    for name, job in jobs:
-        try:
-            results[name] = job()
-        except Exception:  # noqa: BLE001
-            results[name] = [traceback.format_exc()]
-    return results
+    return run_jobs(jobs)
 
 
 def _child_aot():

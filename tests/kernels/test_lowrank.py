@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _children import Child, emit  # noqa: E402
+from _children import Child, emit, run_jobs  # noqa: E402
 
 THIS = os.path.abspath(__file__)
 
@@ -153,14 +152,8 @@ def _child_interp():
     from test_cross_entropy import _gpu_rounding_for_bf16
     _gpu_rounding_for_bf16()
     _interpreter_dot_bf16_fix()
-    results = {}
     jobs = [(k, lambda kw=kw: _case(**kw)) for k, kw in CASES.items()] + [("empty", _empty_case)]
-    for name, job in jobs:
-        try:
-            results[name] = job()
-        except Exception:  # noqa: BLE001
-            results[name] = [traceback.format_exc()]
-    return results
+    return run_jobs(jobs)
 
 
 def _child_aot():

@@ -391,7 +391,7 @@ def train_rank(args, rank: int, world: int) -> dict:
                 _write_csv(out_csv, rows)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", val=f"{val_loss:.3f}",
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{val_loss:.3f}",
                             MB=f"{opt.comm_bytes / 2**20:.1f}")
         if step % args.ckpt_every == 0 or step == args.steps:
             save(step)
