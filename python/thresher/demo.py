@@ -35,16 +35,17 @@ from pathlib import Path
 
 # Sizes per mode. quick: what CI runs (<= 2 min on 2 cores); default: <= 10 min.
 MODES = {
-    "quick": dict(embedded="quick", max_pool_docs=400, vocab=1024, seq_len=64, steps=60, batch=8, eval_every=20,
-                  bliss=dict(warmup_steps=30, outer_steps=10, batch_size=16, val_batch_size=16,
+    "quick": dict(embedded="quick", max_pool_docs=400, vocab=1024, seq_len=64, steps=60,
+                  batch=8, eval_every=20,
+                  bliss=dict(warmup_steps=80, outer_steps=25, warmup_lr=2e-3,
                              model=dict(d_model=64, n_layers=2, n_heads=2)),
-                  loss=dict(steps=40, batch_size=16), blade=dict(tau=20, ref_steps=5),
+                  loss=dict(steps=150), blade=dict(tau=10, ref_steps=10, ref_lr=3e-2),
                   model=dict(d_model=64, n_layers=2, n_heads=2), sync_every=8, rank=16),
-    "default": dict(embedded="default", max_pool_docs=2000, vocab=4096, seq_len=128, steps=300, batch=8,
-                    eval_every=50,
-                    bliss=dict(warmup_steps=100, outer_steps=60, batch_size=32,
-                               val_batch_size=32),
-                    loss=dict(steps=200, batch_size=32), blade=dict(tau=100, ref_steps=25),
+    "default": dict(embedded="default", max_pool_docs=2000, vocab=4096, seq_len=128, steps=200,
+                    batch=8, eval_every=40,
+                    bliss=dict(warmup_steps=100, outer_steps=30, warmup_lr=2e-3,
+                               model=dict(d_model=64, n_layers=2, n_heads=2)),
+                    loss=dict(steps=150), blade=dict(tau=25, ref_steps=5, ref_lr=3e-2),
                     model=dict(), sync_every=16, rank=32),
 }
 
