@@ -150,7 +150,9 @@ def _topk_encode_kernel(x_ptr, e_ptr, out_ptr, scale_ptr, codes_ptr, idx_ptr,
     # chosen: key > T, or key == T among the first `need` of them (ties to the lowest index)
     eq = m & (key == prefix)
     sel = (m & (key > prefix)) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need))
-    sel = sel & (kk > 0)
+    # an explicit boolean block: `block & scalar-comparison` is not a valid store mask in
+    # every Triton (the 3.9 interpreter rejects its dtype)
+    sel = (sel.to(tl.int32) * (kk > 0).to(tl.int32)) != 0
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     L: tl.constexpr = (1 << BITS) - 1
     scale = tl.math.div_rn(absmax, tl.full((), L * 1.0, tl.float32))
