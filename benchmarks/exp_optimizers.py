@@ -54,13 +54,35 @@ CONFIGS = {
                            "--outer", "nesterov"],
     "lordo-K16-nesterov": ["--optimizer", "lordo", "--sync-every", "16", "--omega", "0.5",
                            "--outer", "nesterov"],
+    "lordo-K10-nesterov": ["--optimizer", "lordo", "--sync-every", "10", "--omega", "0.5",
+                           "--outer", "nesterov"],
+    "lordo-K12-nesterov": ["--optimizer", "lordo", "--sync-every", "12", "--omega", "0.5",
+                           "--outer", "nesterov"],
+    "lordo-K10-w0.75-nesterov": ["--optimizer", "lordo", "--sync-every", "10", "--omega", "0.75",
+                                 "--outer", "nesterov"],
+    "lordo-K10-w0.25-nesterov": ["--optimizer", "lordo", "--sync-every", "10", "--omega", "0.25",
+                                 "--outer", "nesterov"],
+    "lordo-K10-nesterov-olr1": ["--optimizer", "lordo", "--sync-every", "10", "--omega", "0.5",
+                                "--outer", "nesterov", "--outer-lr", "1.0"],
+    "lordo-K10-nesterov-mom0.8": ["--optimizer", "lordo", "--sync-every", "10", "--omega", "0.5",
+                                  "--outer", "nesterov", "--outer-momentum", "0.8"],
+    "lordo-K16-nesterov-mom0.8": ["--optimizer", "lordo", "--sync-every", "16", "--omega", "0.5",
+                                  "--outer", "nesterov", "--outer-momentum", "0.8"],
+    "lordo-K32-nesterov-mom0.8": ["--optimizer", "lordo", "--sync-every", "32", "--omega", "0.5",
+                                  "--outer", "nesterov", "--outer-momentum", "0.8"],
+    "lordo-K8-quant4-nesterov-mom0.8": ["--optimizer", "lordo", "--sync-every", "8", "--omega",
+                                        "0.5", "--outer", "nesterov", "--outer-momentum", "0.8",
+                                        "--compression", "quant4"],
     "lordo-K16-w0.25-nesterov": ["--optimizer", "lordo", "--sync-every", "16", "--omega", "0.25",
                                  "--outer", "nesterov"],
     "lordo-K8-quant4-nesterov": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5",
                                  "--outer", "nesterov", "--compression", "quant4"],
 }
 HEADLINE = ["lowrank-ddp", "lordo-K32-w0.5", "lordo-K8-quant4", "lordo-K8-topk",
-            "lordo-K16-nesterov", "lordo-K8-quant4-nesterov"]
+            "lordo-K16-nesterov", "lordo-K8-quant4-nesterov", "lordo-K10-nesterov",
+            "lordo-K12-nesterov", "lordo-K10-w0.75-nesterov", "lordo-K10-w0.25-nesterov",
+            "lordo-K10-nesterov-olr1", "lordo-K10-nesterov-mom0.8", "lordo-K16-nesterov-mom0.8",
+            "lordo-K32-nesterov-mom0.8", "lordo-K8-quant4-nesterov-mom0.8"]
 
 
 def default_corpus():
