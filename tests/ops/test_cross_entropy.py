@@ -6,7 +6,6 @@ kernels' interpreter runs and AOT compilation are in tests/kernels/test_cross_en
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -18,7 +17,6 @@ from hypothesis import strategies as st
 
 import thresher
 from thresher.ops import BackendUnavailableError, _native
-from thresher.ops import cross_entropy as ce
 
 BACKENDS = ["reference"] + (["cpu"] if _native.cpu_ext() is not None else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

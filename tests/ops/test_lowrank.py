@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from thresher.ops import BackendUnavailableError
+from thresher.ops._dispatch import extension_available
 from thresher.ops import lowrank as L
 from thresher.ops.lowrank import (
     choose_side,
@@ -25,7 +26,7 @@ from thresher.ops.lowrank import (
     refresh_projection,
 )
 
-HAVE_C = L._ext_available("_C", "lowrank_moments")() is None
+HAVE_C = extension_available("_C", "lowrank_moments")() is None
 BACKENDS = ["reference"] + (["cpu"] if HAVE_C else [])
 needs_c = pytest.mark.skipif(not HAVE_C, reason="thresher._C (C++ CPU kernels) is not built")
 

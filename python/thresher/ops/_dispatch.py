@@ -8,6 +8,8 @@ lists every reason it cannot run -- never a silent fallback.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -24,6 +26,47 @@ class BackendUnavailableError(RuntimeError):
 def triton_interpreting() -> bool:
     """True when Triton kernels run on CPU tensors through the interpreter (tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_module(family: str):
+    """``thresher.kernels.<family>``, imported at first use: TRITON_INTERPRET is read when
+    triton is imported, so the choice must not be made at thresher's import."""
+    return importlib.import_module(f"thresher.kernels.{family}")
+
+
+def triton_available(family: str) -> Callable[[], str | None]:
+    """A BackendSpec ``available`` check for the family's Triton kernels."""
+
+    def check() -> str | None:
+        try:
+            triton_module(family)
+        except Exception as exc:  # noqa: BLE001
+            return f"'triton' needs the triton package ({type(exc).__name__}: {exc})"
+        return None
+
+    return check
+
+
+def extension_available(name: str, symbol: str | None = None) -> Callable[[], str | None]:
+    """A BackendSpec ``available`` check for ``thresher._C`` / ``thresher._C_cuda`` (and, with
+    ``symbol``, that the loaded build has that op family's entry point)."""
+    from . import _native
+
+    def check() -> str | None:
+        why = _native.missing_reason(name)
+        if why:
+            return f"'{'cpu' if name == '_C' else 'cuda'}' needs {why}"
+        if symbol is not None and not hasattr(_native._load(name), symbol):
+            return f"thresher.{name} was built without {symbol} (rebuild: pip install -e .)"
+        return None
+
+    return check
+
+
+def on_device(x):
+    """Kernels launch on the current CUDA device: make it the tensor's device (multi-GPU
+    processes where another device is current). A no-op on CPU (interpreter tests)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

@@ -46,16 +46,21 @@ then raise ValueError (after ``error`` has been updated: restore it from a copy 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _native
-from ._dispatch import BackendSpec, Dispatcher
+from ._dispatch import (
+    BackendSpec,
+    Dispatcher,
+    extension_available,
+    on_device,
+    triton_available,
+    triton_module,
+)
 from ._validate import check_choice, check_tensor, values_checkable
-from .cross_entropy import _ext_available, _on_device  # the same availability / device rules
 
 __all__ = [
     "topk_encode",
@@ -404,55 +409,53 @@ def _stream(t):
 
 
 def _cuda_topk_encode(x, error, k, chunk, bits, out):
-    with _on_device(x):  # the launchers use the current device's stream
+    with on_device(x):  # the launchers use the current device's stream
         _native.cuda_ext().topk_encode(x.data_ptr(), _native.DTYPE_CODES[x.dtype], _native.ptr(error),
                                        x.numel(), k, chunk, bits, out.data_ptr(), _stream(x))
 
 
 def _cuda_topk_decode(payload, lay, out, count):
-    with _on_device(out):
+    with on_device(out):
         _native.cuda_ext().topk_decode(payload.data_ptr(), lay.n, lay.k, lay.chunk, lay.bits,
                                        out.data_ptr(), _native.ptr(count), _stream(out))
     return 0  # out-of-chunk indices are skipped on the GPU, not counted (no host sync)
 
 
 def _cuda_quant_encode(x, error, bits, block, scaling, out):
-    with _on_device(x):
+    with on_device(x):
         _native.cuda_ext().quant_encode(x.data_ptr(), _native.DTYPE_CODES[x.dtype], _native.ptr(error),
                                         x.numel(), block, bits, _SCALING_CODE[scaling],
                                         out.data_ptr(), _stream(x))
 
 
 def _cuda_quant_decode(payload, lay, out):
-    with _on_device(out):
+    with on_device(out):
         _native.cuda_ext().quant_decode(payload.data_ptr(), lay.n, lay.block, lay.bits,
                                         _SCALING_CODE[lay.scaling], out.data_ptr(), _stream(out))
 
 
 def _triton_module():
-    from thresher.kernels import compress as k  # imported late: TRITON_INTERPRET is read at import
-
-    return k
+    return triton_module("compress")
 
 
 def _triton_topk_encode(x, error, k, chunk, bits, out):
-    with _on_device(x):
+    with on_device(x):
         _triton_module().topk_encode(x, error, k, chunk, bits, out)
 
 
 def _triton_topk_decode(payload, lay, out, count):
-    with _on_device(out):
+    with on_device(out):
         _triton_module().topk_decode(payload, lay.n, lay.k, lay.chunk, lay.bits, out, count)
     return 0
 
 
 def _triton_quant_encode(x, error, bits, block, scaling, out):
-    with _on_device(x):
+    with on_device(x):
         _triton_module().quant_encode(x, error, bits, block, scaling, out)
 
 
 def _triton_quant_decode(payload, lay, out):
-    with _on_device(out):
+    with on_device(out):
         _triton_module().quant_decode(payload, lay.n, lay.block, lay.bits, lay.scaling, out)
 
 
@@ -465,14 +468,6 @@ _KERNELS = {
     "cuda": (_cuda_topk_encode, _cuda_topk_decode, _cuda_quant_encode, _cuda_quant_decode),
     "triton": (_triton_topk_encode, _triton_topk_decode, _triton_quant_encode, _triton_quant_decode),
 }
-
-
-def _triton_available() -> str | None:
-    try:
-        _triton_module()
-    except Exception as exc:  # noqa: BLE001
-        return f"'triton' needs the triton package ({type(exc).__name__}: {exc})"
-    return None
 
 
 # The GPU kernels hold a chunk (top-k) / block (quantiser) on chip: csrc/cuda/compress.cu and
@@ -492,9 +487,9 @@ def _gpu_limits(chunk: int = 1, block: int = 1, **_) -> str | None:
 DISPATCH = Dispatcher(
     "compress",
     [
-        BackendSpec("cuda", ("cuda",), X_DTYPES, _ext_available("_C_cuda"), _gpu_limits),
-        BackendSpec("triton", ("cuda",), X_DTYPES, _triton_available, _gpu_limits),
-        BackendSpec("cpu", ("cpu",), X_DTYPES, _ext_available("_C"),
+        BackendSpec("cuda", ("cuda",), X_DTYPES, extension_available("_C_cuda"), _gpu_limits),
+        BackendSpec("triton", ("cuda",), X_DTYPES, triton_available("compress"), _gpu_limits),
+        BackendSpec("cpu", ("cpu",), X_DTYPES, extension_available("_C"),
                     on_skip=lambda: _native.warn_missing_once("_C")),
         BackendSpec("reference", ("cpu", "cuda"), X_DTYPES),
     ],

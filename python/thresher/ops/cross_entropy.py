@@ -51,7 +51,6 @@ buffer is reused and its logits never reach the caller.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
@@ -59,7 +58,14 @@ import torch
 from torch import Tensor
 
 from . import _native
-from ._dispatch import BackendSpec, Dispatcher
+from ._dispatch import (
+    BackendSpec,
+    Dispatcher,
+    extension_available,
+    on_device,
+    triton_available,
+    triton_module,
+)
 from ._validate import (
     check_choice,
     check_range,
@@ -169,15 +175,7 @@ def _native_kernels(ext, last_arg):
 
 
 def _triton_module():
-    from thresher.kernels import cross_entropy as k  # imported late: TRITON_INTERPRET is read at import
-
-    return k
-
-
-def _on_device(x):
-    """Triton launches on the current CUDA device: make it the tensors' device (multi-GPU
-    processes where another device is current). A no-op on CPU (interpreter tests)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    return triton_module("cross_entropy")
 
 
 def _triton_fwd(x, target, coef, grad_out, ii, eps, zl):
@@ -185,7 +183,7 @@ def _triton_fwd(x, target, coef, grad_out, ii, eps, zl):
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
     if n:
-        with _on_device(x):
+        with on_device(x):
             _triton_module().ce_forward(x, target, lse, loss,
                                         grad_out if coef is not None else None, coef, ii, eps, zl)
     return loss, lse
@@ -193,24 +191,8 @@ def _triton_fwd(x, target, coef, grad_out, ii, eps, zl):
 
 def _triton_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
     if x.size(0):
-        with _on_device(x):
+        with on_device(x):
             _triton_module().ce_backward(x, target, lse, coef, grad_out, ii, eps, zl)
-
-
-def _triton_available() -> str | None:
-    try:
-        _triton_module()
-    except Exception as exc:  # noqa: BLE001
-        return f"'triton' needs the triton package ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _ext_available(name: str):
-    def check() -> str | None:
-        why = _native.missing_reason(name)
-        return f"'{'cpu' if name == '_C' else 'cuda'}' needs {why}" if why else None
-
-    return check
 
 
 def _vocab_limit(vocab: int = 1, **_) -> str | None:
@@ -227,9 +209,9 @@ _KERNELS = {
 DISPATCH = Dispatcher(
     "weighted_cross_entropy",
     [
-        BackendSpec("triton", ("cuda",), GPU_DTYPES, _triton_available, _vocab_limit),
-        BackendSpec("cuda", ("cuda",), GPU_DTYPES, _ext_available("_C_cuda"), _vocab_limit),
-        BackendSpec("cpu", ("cpu",), FLOAT_DTYPES, _ext_available("_C"), _vocab_limit,
+        BackendSpec("triton", ("cuda",), GPU_DTYPES, triton_available("cross_entropy"), _vocab_limit),
+        BackendSpec("cuda", ("cuda",), GPU_DTYPES, extension_available("_C_cuda"), _vocab_limit),
+        BackendSpec("cpu", ("cpu",), FLOAT_DTYPES, extension_available("_C"), _vocab_limit,
                     on_skip=lambda: _native.warn_missing_once("_C")),
         BackendSpec("reference", ("cpu", "cuda"), FLOAT_DTYPES),
     ],

@@ -68,11 +68,15 @@ import torch
 from torch import Tensor
 
 from . import _native
-from ._dispatch import BackendSpec, Dispatcher
+from ._dispatch import (
+    BackendSpec,
+    Dispatcher,
+    extension_available,
+    on_device,
+    triton_available,
+    triton_module,
+)
 from ._validate import check_choice, check_range, check_tensor
-# The Triton availability check (the triton package imports) and the launch-device guard
-# are the ones the cross-entropy op uses.
-from .cross_entropy import _on_device, _triton_available
 
 __all__ = [
     "choose_side",
@@ -328,15 +332,13 @@ def _cuda_fullrank(param, grad, w, side):
 
 
 def _triton_module():
-    from thresher.kernels import lowrank as k  # imported late: TRITON_INTERPRET is read at import
-
-    return k
+    return triton_module("lowrank")
 
 
 def _triton_moments(R, m, v, side, b1, b2, bc1, bc2, eps, want_dsum):
     rows, cols, rs, cs = _moment_view(R, side)
     dsum = torch.empty(cols, dtype=torch.float32, device=R.device) if want_dsum else None
-    with _on_device(R):
+    with on_device(R):
         _triton_module().lowrank_moments(R, m, v, rows, cols, rs, cs, b1, b2, bc1, bc2, eps, dsum)
     return dsum
 
@@ -387,7 +389,7 @@ def _step_impl(backend, param, grad, Q, m, v, side, step, lr, b1, b2, eps, wd, s
         return
     if backend == "triton":
         a, b = (Q, N) if side == "left" else (N, Q.T)
-        with _on_device(param):
+        with on_device(param):
             _triton_module().backproject_update(param, a, b, beta, alpha,
                                                 grad if w is not None else None,
                                                 None if w is None else w.float().contiguous(),
@@ -419,18 +421,6 @@ def reference_lowrank_adam_step(param, grad, Q, exp_avg, exp_avg_sq, *, side, st
 # ----------------------------------------------------------------------------------------
 
 
-def _ext_available(name: str, fn: str):
-    def check() -> str | None:
-        why = _native.missing_reason(name)
-        if why:
-            return f"'{'cpu' if name == '_C' else 'cuda'}' needs {why}"
-        if not hasattr(_native._load(name), fn):
-            return f"thresher.{name} was built without {fn} (rebuild: pip install -e .)"
-        return None
-
-    return check
-
-
 def _layout_limit(row_contiguous: bool = True, **_) -> str | None:
     return None if row_contiguous else (
         "the parameter, gradient and error need contiguous rows (stride(-1) == 1) to be "
@@ -440,10 +430,10 @@ def _layout_limit(row_contiguous: bool = True, **_) -> str | None:
 DISPATCH = Dispatcher(
     "lowrank_adam_step",
     [
-        BackendSpec("triton", ("cuda",), GPU_DTYPES, _triton_available, _layout_limit),
-        BackendSpec("cuda", ("cuda",), GPU_DTYPES, _ext_available("_C_cuda", "lowrank_moments"),
+        BackendSpec("triton", ("cuda",), GPU_DTYPES, triton_available("lowrank"), _layout_limit),
+        BackendSpec("cuda", ("cuda",), GPU_DTYPES, extension_available("_C_cuda", "lowrank_moments"),
                     _layout_limit),
-        BackendSpec("cpu", ("cpu",), CPU_DTYPES, _ext_available("_C", "lowrank_moments"),
+        BackendSpec("cpu", ("cpu",), CPU_DTYPES, extension_available("_C", "lowrank_moments"),
                     _layout_limit, on_skip=lambda: _native.warn_missing_once("_C")),
         BackendSpec("reference", ("cpu", "cuda"), FLOAT_DTYPES),
     ],
