@@ -79,18 +79,48 @@ def test_ridge_hypergradient_improves_with_z_loops():
     assert coss[0] < 0.99 <= coss[-1], coss
 
 
-def test_damping_gives_regularised_inverse():
-    # lambda_z > 0: z converges to (H + lambda_z I)^-1 F, not H^-1 F
-    lam = 0.05
+def damped_ridge(lam):
+    """``(hyper, H, want)``: ``hyper(**kw)`` runs bliss_hypergradient at the weighted ridge
+    solution (reg 1e-3, damping ``lam``); ``want = (H + lam I)^-1 F``."""
     X, y, Xv, yv, s = ridge_problem()
     P = torch.softmax(s, 0)
     w, H = ridge_solution(X, y, P, 1e-3)
     F, = torch.autograd.grad(val_loss(w.requires_grad_(True), Xv, yv), w)
-    _, _, z = bliss_hypergradient(lambda p: 0.5 * (X @ p["w"] - y) ** 2, {"w": w.detach()}, P,
-                                  {"w": F}, z_loops=800, lr_z=1.0 / float(torch.linalg.eigvalsh(H).max()),
-                                  lambda_z=lam, reg=1e-3)
-    want = torch.linalg.solve(H + lam * torch.eye(H.size(0), dtype=H.dtype), F)
+
+    def hyper(**kw):
+        return bliss_hypergradient(lambda p: 0.5 * (X @ p["w"] - y) ** 2, {"w": w.detach()}, P,
+                                   {"w": F}, lambda_z=lam, reg=1e-3, **kw)
+
+    return hyper, H, torch.linalg.solve(H + lam * torch.eye(H.size(0), dtype=H.dtype), F)
+
+
+def test_damping_gives_regularised_inverse():
+    # lambda_z > 0: z converges to (H + lambda_z I)^-1 F, not H^-1 F
+    hyper, H, want = damped_ridge(0.05)
+    _, _, z = hyper(z_loops=800, lr_z=1.0 / float(torch.linalg.eigvalsh(H).max()))
     torch.testing.assert_close(z["w"], want, rtol=1e-6, atol=1e-9)
+
+
+def test_auto_step_is_one_over_top_eigenvalue():
+    # lr_z="auto": power iteration on the HVP graph finds lambda_max(H + lambda_z I); the
+    # Neumann series with 1/lambda_max then converges to the implicit-function hypergradient
+    hyper, H, want = damped_ridge(0.05)
+    top = float(torch.linalg.eigvalsh(H).max()) + 0.05
+    state = {}
+    _, _, z = hyper(z_loops=800, lr_z="auto", power_iters=300, power_state=state)
+    assert state["lambda_max"] == pytest.approx(top, rel=1e-6)
+    assert state["lr_z"] == pytest.approx(1 / top, rel=1e-6)
+    torch.testing.assert_close(z["w"], want, rtol=1e-6, atol=1e-9)
+    # warm start: one more iteration from the converged vector keeps the estimate
+    hyper(z_loops=1, lr_z="auto", power_iters=1, power_state=state)
+    assert state["lambda_max"] == pytest.approx(top, rel=1e-6)
+    # a fixed step of 2.5 / lambda_max makes the same series diverge (why "auto" exists)
+    _, _, zbad = hyper(z_loops=60, lr_z=2.5 / top)
+    assert float(zbad["w"].norm()) > 1e3 * float(want.norm())
+    with pytest.raises(ValueError, match="lr_z"):
+        hyper(lr_z="fast")
+    with pytest.raises(ValueError, match="power_iters"):
+        hyper(lr_z="auto", power_iters=0)
 
 
 class _SL(torch.nn.Module):
@@ -189,3 +219,8 @@ def test_bliss_option_errors():
         build_scorer("bliss", vocab_size=10, z_loops=0)
     with pytest.raises(ValueError, match="lr_z"):
         build_scorer("bliss", vocab_size=10, lr_z=-1.0)
+    with pytest.raises(ValueError, match="or 'auto'"):
+        build_scorer("bliss", vocab_size=10, lr_z="fast")
+    assert bliss_mod.BlissConfig().lr_z == "auto"
+    with pytest.raises(ValueError, match="power_iters"):
+        build_scorer("bliss", vocab_size=10, power_iters=0)

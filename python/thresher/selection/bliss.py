@@ -27,9 +27,17 @@ Our choices (documented options; the paper's value in brackets):
   would fit the proxy to 32 samples.
 - CPU-scale defaults: proxy/score model a small GPT, ``proxy_lr = 1e-3`` and ``score_lr =
   1e-3`` [1e-5 for Pythia-160M: a 0.1M-parameter model from scratch needs larger steps];
-  ``lr_z = 1.0`` [1e-2]: with a token-mean loss the Hessian's top eigenvalues of a tiny LM
-  are O(1), so 3 steps of 1e-2 leave z ~ 0.03 F -- in direction just the first-order
-  gradient alignment; 1.0 makes the 3 loops a real (if truncated) Neumann series;
+  ``lr_z = "auto"`` [1e-2]: each outer step estimates the largest eigenvalue of
+  ``H + lambda_z I`` by ``power_iters`` power iterations on the same double-backward graph
+  (warm-started from the previous step's eigenvector, so a few suffice) and uses ``lr_z =
+  1 / lambda_max``: the Neumann series ``z <- z - lr_z (H z + lambda_z z - F)`` then
+  converges. Measured on the exp_selection proxy (2-layer d=64, token-mean loss):
+  ``lambda_max ~ 25``, so a fixed ``lr_z = 1.0`` diverges (|1 - 25| per loop; z was dominated
+  by the top-curvature directions and ranked boilerplate and repeated-line copies above
+  clean text) and the paper's 1e-2 leaves z ~ 0.03 F, only the first-order gradient
+  alignment. With the auto step the raw ``gz`` separated clean WikiText from its corrupted
+  copies with AUROC 0.875, vs 0.75 at 1e-2 and 0.35 at 1.0. Cost: ``power_iters`` extra
+  Hessian-vector products per outer step (each about one z loop).
   ``warmup_steps = 100``, ``outer_steps = 60``, ``batch_size = 32``, proxy/score backbone
   ``dict(d_model=64, n_layers=2, n_heads=2)``. inner_steps 5,
   z_loops 3, lambda_z 1e-2, lam 1e-7, betas (0.9, 0.95), weight decay 0.1, clip 1.0 as the
@@ -76,41 +84,80 @@ def batched_directional_derivative(sample_loss: Callable[[dict], Tensor], params
 
 
 def bliss_hypergradient(sample_loss: Callable[[dict], Tensor], params: dict, weights: Tensor,
-                        val_grad: dict, *, z_loops: int = 3, lr_z: float = 1e-2,
+                        val_grad: dict, *, z_loops: int = 3, lr_z: float | str = 1e-2,
                         lambda_z: float = 1e-2, reg: float = 0.0,
-                        extra_lower: Callable[[dict], Tensor] | None = None):
+                        extra_lower: Callable[[dict], Tensor] | None = None,
+                        power_iters: int = 3, power_state: dict | None = None):
     """Hypergradient of the validation loss w.r.t. the scores s of one batch (P = softmax(s)
     = ``weights``, detached) at the current lower-level parameters ``params``.
 
     ``sample_loss(params) -> (B,)`` must be built from differentiable, ``torch.func``-able ops
     (e.g. ``GPT.loss(..., backend="torch")`` under ``functional_call``). Returns
     ``(grad_s (B,), gz (B,), z dict)``.
+
+    ``lr_z="auto"``: the step is ``1 / lambda_max(H + lambda_z I)``, estimated by
+    ``power_iters`` power iterations (Hessian-vector products on the same graph). Pass the
+    same ``power_state`` dict on every call to warm-start from the previous eigenvector; it
+    is filled with ``vector`` (the eigenvector estimate), ``lambda_max`` and ``lr_z``.
     """
     if z_loops < 1:
         raise ValueError(f"z_loops must be >= 1, got {z_loops}")
+    auto = isinstance(lr_z, str)
+    if auto and lr_z != "auto":
+        raise ValueError(f"lr_z must be a number or 'auto', got {lr_z!r}")
+    if auto and power_iters < 1:
+        raise ValueError(f"power_iters must be >= 1 with lr_z='auto', got {power_iters}")
     P = weights.detach()
     names = list(params)
     p = {k: params[k].detach().requires_grad_(True) for k in names}
     F = [val_grad[k].detach() for k in names]
-    # z_1 = lr_z F (the z = 0 Hessian product is zero): no graph needed for one loop
-    z = [lr_z * f for f in F]
-    if z_loops > 1:
+    if z_loops > 1 or auto:
         g = (P.to(torch.float64) * sample_loss(p).to(torch.float64)).sum()
         if extra_lower is not None:
             g = g + extra_lower(p)
         if reg:
             g = g + reg * sum((v * v).sum() for v in p.values())
         grads = torch.autograd.grad(g, [p[k] for k in names], create_graph=True)
+
+        def hvp(v, retain):
+            return torch.autograd.grad(grads, [p[k] for k in names], grad_outputs=v,
+                                       retain_graph=retain)
+
+        if auto:
+            lr_z = _auto_step(hvp, F, lambda_z, power_iters, power_state)
+    # z_1 = lr_z F (the z = 0 Hessian product is zero)
+    z = [lr_z * f for f in F]
+    if z_loops > 1:
         for it in range(1, z_loops):
-            Hz = torch.autograd.grad(grads, [p[k] for k in names], grad_outputs=z,
-                                     retain_graph=it < z_loops - 1)
+            Hz = hvp(z, it < z_loops - 1)
             z = [zi - lr_z * (hzi - fi + lambda_z * zi) for zi, hzi, fi in zip(z, Hz, F)]
+    if z_loops > 1 or auto:
         del grads, g
     zd = dict(zip(names, z))
     _, gz = batched_directional_derivative(sample_loss, p, zd)
     gz = gz.detach().to(P.dtype)
     grad_s = -P * (gz - (P * gz).sum())
     return grad_s, gz, zd
+
+
+def _auto_step(hvp, F, lambda_z, iters, state):
+    """``1 / lambda_max(H + lambda_z I)`` by power iteration, warm-started from
+    ``state["vector"]`` (else from F). ``|Rayleigh quotient|`` of the last iterate: a negative
+    dominant eigenvalue bounds the step just the same."""
+    state = {} if state is None else state
+    v = state.get("vector")
+    v = [x.detach().clone() for x in (v if v is not None and len(v) == len(F) else F)]
+    lam = 0.0
+    for it in range(iters):
+        norm = torch.sqrt(sum((x.double() * x.double()).sum() for x in v)).clamp_min(1e-30)
+        v = [(x / norm).to(x.dtype) for x in v]
+        Hv = hvp(v, retain=True)
+        Hv = [h + lambda_z * x for h, x in zip(Hv, v)]
+        lam = abs(float(sum((a.double() * b.double()).sum() for a, b in zip(v, Hv))))
+        v = [h.detach() for h in Hv]
+    step = 1.0 / lam if lam > 0 else 1.0
+    state.update(vector=v, lambda_max=lam, lr_z=step)
+    return step
 
 
 def kl_to_target(proxy_logits: Tensor, target_logits: Tensor, mask: Tensor) -> Tensor:
@@ -144,7 +191,8 @@ class BlissConfig:
     batch_size: int = 32
     val_batch_size: int = 32
     z_loops: int = 3
-    lr_z: float = 1.0
+    lr_z: float | str = "auto"
+    power_iters: int = 3
     lambda_z: float = 1e-2
     gamma: float = 0.0
     reg: float = 1e-7
@@ -158,7 +206,7 @@ class BlissConfig:
 
     def __post_init__(self):
         for k in ("warmup_steps", "outer_steps", "inner_steps", "batch_size", "val_batch_size",
-                  "z_loops", "checkpoint_every"):
+                  "z_loops", "checkpoint_every", "power_iters"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k in (
                     "warmup_steps", "outer_steps", "inner_steps") else 1):
@@ -166,8 +214,12 @@ class BlissConfig:
                                  f"(positive for sizes/loops), got {v!r}")
         for k in ("lr_z", "lambda_z", "gamma", "reg", "proxy_lr", "score_lr", "clip"):
             v = getattr(self, k)
+            if k == "lr_z" and v == "auto":
+                continue
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"BLISS option {k} must be a finite number >= 0, got {v!r}")
+                also = " or 'auto'" if k == "lr_z" else ""
+                raise ValueError(f"BLISS option {k} must be a finite number >= 0{also}, "
+                                 f"got {v!r}")
 
 
 class _SampleLoss(nn.Module):
@@ -221,6 +273,7 @@ class BlissScorer(Scorer):
                              seed=self.seed, device=self.device)
         self.gen = torch.Generator().manual_seed(self.seed + 1)
         self.step = 0
+        self.power_state: dict = {}  # lr_z="auto": the warm-started top eigenvector
 
     def _new_proxy_opt(self):
         c = self.cfg
@@ -233,6 +286,7 @@ class BlissScorer(Scorer):
                 "warm_proxy": self.warm_state, "score": self.score_model.state_dict(),
                 "score_opt": self.score_opt.state_dict(), "gen": self.gen.get_state(),
                 "history": [dict(h) for h in self.history],
+                "power_vector": self.power_state.get("vector"),
                 "target_model": (self.target_model.state_dict()
                                  if self.target_model is not None else None)}
 
@@ -245,6 +299,8 @@ class BlissScorer(Scorer):
         self.score_opt.load_state_dict(st["score_opt"])
         self.gen.set_state(st["gen"])
         self.history = list(st["history"])
+        self.power_state = ({} if st.get("power_vector") is None
+                            else {"vector": st["power_vector"]})
         if st["target_model"] is not None and self.target_model is not None:
             self.target_model.load_state_dict(st["target_model"])
 
@@ -318,7 +374,7 @@ class BlissScorer(Scorer):
         grad_s, gz, _ = bliss_hypergradient(
             lambda p: functional_call(wrapper, {"lm." + k: v for k, v in p.items()}, (ids, labels)),
             params, P, F, z_loops=c.z_loops, lr_z=c.lr_z, lambda_z=c.lambda_z, reg=c.reg,
-            extra_lower=extra)
+            extra_lower=extra, power_iters=c.power_iters, power_state=self.power_state)
         self.score_opt.zero_grad(set_to_none=True)
         s.backward(grad_s.to(s.dtype))
         if c.clip:
@@ -326,7 +382,9 @@ class BlissScorer(Scorer):
         self.score_opt.step()
         self.step += 1
         self.history.append({"step": self.step, "val_loss": float(val_loss.detach()),
-                             "gz_std": float(gz.std()), "s_std": float(s.detach().std())})
+                             "gz_std": float(gz.std()), "s_std": float(s.detach().std()),
+                             "lr_z": float(self.power_state.get("lr_z", c.lr_z)
+                                           if c.lr_z == "auto" else c.lr_z)})
 
     def _warmup(self, pool, progress):
         c = self.cfg
