@@ -96,6 +96,31 @@ def test_random_and_qurating(synthetic):
     assert set(np.argsort(-hot)[:k]) != top  # temperature -> inf: uniform sampling
 
 
+def test_random_scores_do_not_depend_on_the_shard(synthetic):
+    # thresher score scores shards separately (and on different ranks): a sample's random
+    # score must be the same whichever slice it is scored in, and different samples must not
+    # share the sequence (the old per-call generator gave every shard the same numbers)
+    pool, target, _ = synthetic()
+    sc = build_scorer("random", vocab_size=48, seed=3).fit(pool, target, progress=False)
+    whole = sc.score(pool)
+    half = len(pool) // 2
+    np.testing.assert_array_equal(np.concatenate([sc.score(pool[:half]), sc.score(pool[half:])]),
+                                  whole)
+    assert not np.allclose(whole[:half], whole[half:2 * half])
+    # uniform on (0, 1): a Kolmogorov-Smirnov distance over many distinct (doc, offset) keys
+    from thresher.selection.baselines import sample_uniform
+
+    class Keys:
+        doc_index = np.repeat(np.arange(200), 50)
+        offset = np.tile(np.arange(50) * 64, 200)
+
+    u = np.sort(sample_uniform(Keys, 11))
+    assert 0 < u[0] and u[-1] < 1 and len(np.unique(u)) == u.size
+    assert np.abs(u - (np.arange(u.size) + 0.5) / u.size).max() < 1.63 / np.sqrt(u.size)  # 1%
+    assert abs(np.corrcoef(u, np.sort(sample_uniform(Keys, 12)))[0, 1]) > 0.99  # same law
+    assert abs(np.corrcoef(sample_uniform(Keys, 11), sample_uniform(Keys, 12))[0, 1]) < 0.05
+
+
 def test_registry_and_errors():
     assert {"bliss", "color", "miniplm", "excess", "loss", "random", "qurating"} <= set(
         available_methods())

@@ -391,8 +391,10 @@ def train_rank(args, rank: int, world: int) -> dict:
                 _write_csv(out_csv, rows)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{val_loss:.3f}",
-                            MB=f"{opt.comm_bytes / 2**20:.1f}")
+            post = {"loss": f"{float(loss.detach()):.3f}"}
+            if val_loss == val_loss:  # no "val=nan" before the first evaluation
+                post["val"] = f"{val_loss:.3f}"
+            bar.set_postfix(**post, MB=f"{opt.comm_bytes / 2**20:.1f}")
         if step % args.ckpt_every == 0 or step == args.steps:
             save(step)
     if bar is not None:

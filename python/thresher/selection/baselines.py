@@ -41,6 +41,33 @@ def _seq_len(samples):
     return samples.input_ids.size(1)
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective 64-bit mixer (uint64 in, uint64 out)."""
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_uniform(samples, seed: int) -> np.ndarray:
+    """One uniform number in (0, 1) per sample, a pure function of the seed and the sample's
+    identity -- ``(doc_index, offset)`` for ``thresher.data.Samples``, else its token ids --
+    so a sample gets the same number whichever shard or rank scores it. (A generator seeded
+    once per ``score`` call hands every shard the same sequence: a sharded random selection
+    would pick the same positions in every shard.) The top 53 bits of the mixed key give the
+    float."""
+    with np.errstate(over="ignore"):
+        if hasattr(samples, "doc_index") and hasattr(samples, "offset"):
+            key = ((np.asarray(samples.doc_index).astype(np.uint64) << np.uint64(32))
+                   + np.asarray(samples.offset).astype(np.uint64))
+        else:  # content key: fold the token ids of each row through the mixer
+            ids = samples.input_ids.numpy().astype(np.uint64)
+            key = np.zeros(ids.shape[0], dtype=np.uint64)
+            for col in ids.T:
+                key = _mix64(key ^ col) + np.uint64(0x9E3779B97F4A7C15)
+        x = _mix64(key ^ (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)))
+    return ((x >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
 @register_scorer("random")
 class RandomScorer(Scorer):
     def __init__(self, **kw):
@@ -51,7 +78,7 @@ class RandomScorer(Scorer):
         pass
 
     def _score(self, samples, batch_size, progress):
-        return np.random.default_rng(self.seed).random(len(samples.input_ids), dtype=np.float32)
+        return sample_uniform(samples, self.seed).astype(np.float32)
 
 
 class _LossDifferenceScorer(Scorer):
@@ -155,7 +182,7 @@ class MiniPLMScorer(_LossDifferenceScorer):
 class QuRatingScorer(Scorer):
     """QuRating-style temperature sampling over any score: returns Gumbel-top-k keys
     ``z(x)/temperature + G`` (z = the base method's z-scored score, G ~ Gumbel(0, 1) from the
-    seed), so ``select_topk`` on them samples without replacement with probabilities
+    seed and each sample's identity, so shards agree), so ``select_topk`` on them samples without replacement with probabilities
     proportional to ``exp(z/temperature)``. The same thing as ``select_gumbel`` applied to
     the base scores (strategies.py); this form lets the pipeline stay "score, then top-k".
     Options: base ("loss"), temperature (2.0, QuRating's default), base_options (dict)."""
@@ -178,5 +205,5 @@ class QuRatingScorer(Scorer):
     def _score(self, samples, batch_size, progress):
         s = self.base.score(samples, batch_size=batch_size, progress=progress).astype(np.float64)
         z = (s - s.mean()) / (s.std() + 1e-12) if s.size > 1 else s * 0
-        g = np.random.default_rng(self.seed + 7919).gumbel(size=s.shape)
+        g = -np.log(-np.log(sample_uniform(samples, self.seed + 7919)))  # Gumbel(0, 1)
         return z / self.temperature + g
