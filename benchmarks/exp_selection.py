@@ -302,7 +302,8 @@ def report(rows, curves, meta, out, name):
 
 def summarise(rows):
     out = []
-    for m in dict.fromkeys(r["method"] for r in rows):
+    order = {m: i for i, m in enumerate(METHODS)}  # table order, also for merged runs
+    for m in sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: order.get(m, len(order))):
         rs = [r for r in rows if r["method"] == m]
         s = {"method": m, "seeds": len(rs)}
         for k in ("final_val_loss", "speedup_vs_random", "auroc_corrupted", "selection_s",
