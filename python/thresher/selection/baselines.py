@@ -182,7 +182,8 @@ class MiniPLMScorer(_LossDifferenceScorer):
 class QuRatingScorer(Scorer):
     """QuRating-style temperature sampling over any score: returns Gumbel-top-k keys
     ``z(x)/temperature + G`` (z = the base method's z-scored score, G ~ Gumbel(0, 1) from the
-    seed and each sample's identity, so shards agree), so ``select_topk`` on them samples without replacement with probabilities
+    seed and each sample's identity, so shards agree; z is standardised within the scored
+    slice), so ``select_topk`` on them samples without replacement with probabilities
     proportional to ``exp(z/temperature)``. The same thing as ``select_gumbel`` applied to
     the base scores (strategies.py); this form lets the pipeline stay "score, then top-k".
     Options: base ("loss"), temperature (2.0, QuRating's default), base_options (dict)."""

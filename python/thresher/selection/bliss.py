@@ -148,7 +148,7 @@ def _auto_step(hvp, F, lambda_z, iters, state):
     v = state.get("vector")
     v = [x.detach().clone() for x in (v if v is not None and len(v) == len(F) else F)]
     lam = 0.0
-    for it in range(iters):
+    for _ in range(iters):
         norm = torch.sqrt(sum((x.double() * x.double()).sum() for x in v)).clamp_min(1e-30)
         v = [(x / norm).to(x.dtype) for x in v]
         Hv = hvp(v, retain=True)
