@@ -68,3 +68,11 @@ def run_jobs(jobs) -> dict:
         except Exception:  # noqa: BLE001
             results[name] = [traceback.format_exc()]
     return results
+
+
+def assert_compiled_cleanly(stats) -> None:
+    """AOT statistics of every compiled kernel: no register spills, and a register count
+    a kernel can launch with (1..255 per thread)."""
+    spilling = [s for s in stats if s["n_spills"] != 0]
+    assert not spilling, spilling
+    assert all(0 < s["n_regs"] <= 255 for s in stats), stats
