@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 from typing import Sequence
 
@@ -275,12 +276,12 @@ def _disagreement(descs: list[dict], what: str, limit: int = 6) -> str:
 
 
 def check_int(name: str, v, lo: int = 1) -> int:
-    """An int (not a bool) >= ``lo``."""
-    if not isinstance(v, int) or isinstance(v, bool):
+    """An integer (a Python or numpy one, not a bool) >= ``lo``, as an int."""
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if v < lo:
         raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return v
+    return int(v)
 
 
 def check_float(name: str, v, lo: float = -math.inf, hi: float = math.inf,

@@ -52,9 +52,8 @@ from __future__ import annotations
 
 import torch
 
-from thresher.ops.lowrank import choose_side, lowrank_adam_step, refresh_projection
-
 from thresher.ops._validate import check_choice
+from thresher.ops.lowrank import choose_side, lowrank_adam_step, refresh_projection
 
 from ._codecs import codec_mean_, make_codec
 from ._dist import (
@@ -66,7 +65,6 @@ from ._dist import (
     clip_coef,
     outer_step_,
 )
-
 __all__ = ["LoRDO"]
 
 OUTER = ("average", "nesterov")
@@ -102,14 +100,14 @@ class LoRDO(DistMixin, torch.optim.Optimizer):
             check_choice(name, value, choices)
         check_float("outer_lr", outer_lr, 0.0, lo_open=True)
         check_float("outer_momentum", outer_momentum, 0.0, 1.0)
-        check_int("seed", seed, 0)
         defaults = dict(lr=lr, rank=rank, omega=omega, mu=mu, eps=eps,
                         betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
                         weight_decay=weight_decay, side=side)
         torch.optim.Optimizer.__init__(self, params, defaults)
         self.sync_every, self.clip, self.outer = sync_every, clip, outer
         self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
-        self.proj, self.init_proj, self.moments, self.seed = proj, init_proj, moments, seed
+        self.proj, self.init_proj, self.moments = proj, init_proj, moments
+        self.seed = check_int("seed", seed, 0)
         self.codec = make_codec(compression, **(compression_options or {}))
         self._dist_init(process_group, timeout)
 
