@@ -312,3 +312,18 @@ def w_construct(rank, world, method, kws, nets, steps=0):
         return (type(exc).__name__, str(exc))
     start = flat(model)
     return ("ok", start, train(model, opt, rank, range(1, steps + 1)) if steps else None)
+
+
+def w_construct_without_peer(rank, world, method, kw):
+    """Rank 1 dies before building its optimizer; rank 0's constructor must raise
+    CollectiveError (the agreement check waits with the timeout), not hang."""
+    from thresher.optim._dist import CollectiveError
+
+    if rank == 1:
+        os._exit(3)
+    start = time.monotonic()
+    try:
+        make_opt(method, TinyNet().parameters(), **kw)
+    except CollectiveError as exc:
+        return ("CollectiveError", str(exc), time.monotonic() - start)
+    return ("no error", "", 0.0)

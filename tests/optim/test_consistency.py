@@ -115,3 +115,11 @@ def test_different_seeds_leave_construction_identical(method):
 def test_different_seeds_then_ddp_stays_identical():
     out = construct("ddp", net1=dict(seed=1), steps=3)
     assert torch.equal(out[0][2], out[1][2])
+
+
+def test_missing_peer_at_construction_raises_collective_error():
+    out = W.run_ranks(W.w_construct_without_peer, 2, "diloco", dict(BASE["diloco"], timeout=5.0),
+                      timeout=10.0, allow_missing=(1,))
+    kind, msg, _ = out[0]
+    assert kind == "CollectiveError", msg
+    assert "DiLoCo agreement check" in msg and "rank 0 of 2" in msg
