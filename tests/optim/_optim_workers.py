@@ -327,3 +327,29 @@ def w_construct_without_peer(rank, world, method, kw):
     except CollectiveError as exc:
         return ("CollectiveError", str(exc), time.monotonic() - start)
     return ("no error", "", 0.0)
+
+
+def w_count_construction_collectives(rank, world, method, kws):
+    """Builds ``method`` with ``kws[rank]`` while counting the collectives issued; returns
+    (the error type or "ok", [(collective, payload bytes), ...])."""
+    calls = []
+    real = {name: getattr(dist, name) for name in ("all_gather", "broadcast", "all_reduce")}
+
+    def counting(name):
+        def wrapper(*args, **kw):
+            t = args[1] if name == "all_gather" else args[0]
+            calls.append((name, t.numel() * t.element_size()))
+            return real[name](*args, **kw)
+        return wrapper
+
+    for name in real:
+        setattr(dist, name, counting(name))
+    try:
+        make_opt(method, TinyNet().parameters(), **kws[rank])
+        kind = "ok"
+    except ValueError:
+        kind = "ValueError"
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    return kind, calls

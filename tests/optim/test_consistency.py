@@ -123,3 +123,16 @@ def test_missing_peer_at_construction_raises_collective_error():
     kind, msg, _ = out[0]
     assert kind == "CollectiveError", msg
     assert "DiLoCo agreement check" in msg and "rank 0 of 2" in msg
+
+
+def test_agreement_is_one_small_all_gather():
+    numel = 6 * 5 + 3 * 6 + 3
+    kw = dict(BASE["lordo"], timeout=TIMEOUT)
+    out = W.pool().run(W.w_count_construction_collectives, "lordo", [kw, kw])
+    for kind, calls in out:  # the 16-byte hash, then rank 0's float64 weights
+        assert kind == "ok" and calls == [("all_gather", 16), ("broadcast", 8 * numel)]
+    out = W.pool().run(W.w_count_construction_collectives, "lordo",
+                       [kw, dict(kw, sync_every=4)])
+    for kind, calls in out:  # on a mismatch: the descriptions, and no broadcast
+        assert kind == "ValueError"
+        assert [c[0] for c in calls] == ["all_gather", "all_gather"] and calls[1][1] > 16
