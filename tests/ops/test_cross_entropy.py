@@ -448,17 +448,18 @@ def _opcheck_inputs():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     x, t, coef, h, w, b = _opcheck_inputs()
-    _, lse, _ = torch.ops.thresher.weighted_ce_fwd(x, t, None, -100, 0.1, 0.01, backend)
+    _, lse, _ = torch.ops.thresher.weighted_ce_fwd(x, t, None, -100, 0.1, 0.01, 0.0, backend)
     cases = [
-        (torch.ops.thresher.weighted_ce_fwd.default, (x, t, coef, -100, 0.1, 0.01, backend)),
-        (torch.ops.thresher.weighted_ce_fwd.default, (x, t, None, -100, 0.0, 0.0, backend)),
-        (torch.ops.thresher.weighted_ce_bwd.default, (x, t, lse, coef, -100, 0.1, 0.01, backend)),
+        (torch.ops.thresher.weighted_ce_fwd.default, (x, t, coef, -100, 0.1, 0.01, 0.0, backend)),
+        (torch.ops.thresher.weighted_ce_fwd.default, (x, t, None, -100, 0.0, 0.0, 2.0, backend)),
+        (torch.ops.thresher.weighted_ce_bwd.default,
+         (x, t, lse, coef, -100, 0.1, 0.01, 0.0, backend)),
         (torch.ops.thresher.weighted_ce_fwd_overwrite.default,
-         (x.clone(), t, coef, -100, 0.1, 0.01, backend)),
+         (x.clone(), t, coef, -100, 0.1, 0.01, 3.0, backend)),
         (torch.ops.thresher.linear_weighted_ce_fwd.default,
-         (h, w, b, t, coef, [True, True, True], -100, 0.1, 0.0, 2, backend)),
+         (h, w, b, t, coef, [True, True, True], -100, 0.1, 0.0, 2.0, 2, backend)),
         (torch.ops.thresher.linear_weighted_ce_bwd.default,
-         (h, w, None, t, lse, coef, [True, False, False], -100, 0.0, 0.0, 3, backend)),
+         (h, w, None, t, lse, coef, [True, False, False], -100, 0.0, 0.0, 0.0, 3, backend)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -578,6 +579,10 @@ X, T = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
         (dict(z_loss=-1.0), ValueError, "z_loss must be in"),
         (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
         (dict(overwrite_logits=1), TypeError, "overwrite_logits must be a bool"),
+        (dict(softcap=-1.0), ValueError, r"softcap must be in \[0.0, inf\]"),
+        (dict(softcap=float("nan")), ValueError, "softcap must be in"),
+        (dict(softcap=float("inf")), ValueError, "softcap must be finite"),
+        (dict(softcap="30"), TypeError, "softcap must be a number"),
         (dict(overwrite_logits=True, reduction="sample"), ValueError,
          "overwrite_logits=True needs reduction 'sum' or 'mean'"),
     ],
@@ -622,3 +627,101 @@ def test_modules_wrap_functions():
     assert "reduction='sum'" in repr(m)
     with pytest.raises(ValueError, match="reduction must be one of"):
         thresher.WeightedCrossEntropyLoss(reduction="avg")
+
+
+# ---------------------------------------------------------------------------------------
+# Soft-capping (Gemma 2/3): truth is softcap * tanh(x / softcap) then F.cross_entropy, float64
+# ---------------------------------------------------------------------------------------
+
+
+def _softcap_truth(x, t, cap, eps, ii=-100, weight_rows=None):
+    x64 = x.detach().double().reshape(-1, x.size(-1)).requires_grad_()
+    loss = F.cross_entropy(cap * torch.tanh(x64 / cap), t.reshape(-1), ignore_index=ii,
+                           label_smoothing=eps)
+    (g,) = torch.autograd.grad(loss, x64)
+    return loss.detach(), g.reshape(x.shape)
+
+
+def _softcap_eager(x, t, cap, eps):
+    xe = x.detach().clone().reshape(-1, x.size(-1)).requires_grad_()
+    loss = F.cross_entropy(cap * torch.tanh(xe.float() / cap), t.reshape(-1), label_smoothing=eps)
+    (g,) = torch.autograd.grad(loss, xe)
+    return loss.detach(), g.reshape(x.shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("cap,eps", [(30.0, 0.0), (5.0, 0.1), (1.0, 0.0)])
+@pytest.mark.parametrize("V", [7, 1003, 50257])
+def test_softcap_matches_tanh_then_cross_entropy(backend, dtype, cap, eps, V):
+    # scale 8 logits: cap 30 is nearly linear, cap 5 curved, cap 1 saturated
+    x, t, _, _ = make_case(2, 3, V, dtype, scale=8.0, weights=False)
+    xs = x.clone().requires_grad_()
+    loss = thresher.weighted_cross_entropy(xs, t, softcap=cap, label_smoothing=eps,
+                                           backend=backend)
+    (g,) = torch.autograd.grad(loss, xs)
+    truth, gt = _softcap_truth(x, t, cap, eps)
+    eager, ge = _softcap_eager(x, t, cap, eps)
+    assert_within_eager("loss", loss, truth, eager, dtype)
+    assert_within_eager("grad", g, gt, ge, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_softcap_every_reduction_and_weights(backend, reduction):
+    x, t, sw, tw = make_case(3, 5, 301, torch.float32, scale=6.0)
+    cap = 4.0
+    fn = lambda xx, tt, **k: thresher.weighted_cross_entropy(  # noqa: E731
+        xx, tt, softcap=cap, backend=backend, **k)
+    capped = lambda xx, tt, **k: formula(cap * torch.tanh(xx / cap), tt, **{  # noqa: E731
+        "sw": k["sample_weight"], "tw": k["token_weight"], "reduction": k["reduction"],
+        "eps": k["label_smoothing"], "zl": k["z_loss"]})
+    xs = x.clone().requires_grad_()
+    out = fn(xs, t, sample_weight=sw, token_weight=tw, reduction=reduction,
+             label_smoothing=0.1, z_loss=1e-3)
+    u = torch.rand(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (g,) = torch.autograd.grad(out, xs, u.float())
+    x64 = x.double().requires_grad_()
+    truth = capped(x64, t, sample_weight=sw, token_weight=tw, reduction=reduction,
+                   label_smoothing=0.1, z_loss=1e-3)
+    (g64,) = torch.autograd.grad(truth, x64, u)
+    torch.testing.assert_close(out.double(), truth.detach(), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_off_values_and_module(backend):
+    x, t, _, _ = make_case(2, 3, 50, torch.float32, weights=False)
+    plain = thresher.weighted_cross_entropy(x, t, backend=backend)
+    for off in (None, 0, 0.0):
+        assert torch.equal(thresher.weighted_cross_entropy(x, t, softcap=off, backend=backend),
+                           plain)
+    m = thresher.WeightedCrossEntropyLoss(softcap=2.0, backend=backend)
+    assert "softcap=2.0" in repr(m)
+    torch.testing.assert_close(m(x, t), thresher.weighted_cross_entropy(x, t, softcap=2.0,
+                                                                         backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_softcap_after_bias(backend, dtype):
+    g = torch.Generator().manual_seed(5)
+    h = (torch.randn(2, 6, 16, generator=g)).to(dtype)
+    w = (torch.randn(300, 16, generator=g)).to(dtype)
+    b = (torch.randn(300, generator=g) * 4).to(dtype)
+    t = torch.randint(0, 300, (2, 6), generator=g)
+    ins = [z.clone().requires_grad_() for z in (h, w, b)]
+    loss = thresher.linear_weighted_cross_entropy(ins[0], ins[1], t, bias=ins[2], softcap=3.0,
+                                                  chunk_size=5, backend=backend)
+    grads = torch.autograd.grad(loss, ins)
+    ref = [z.double().requires_grad_() for z in (h, w, b)]
+    z = F.linear(ref[0], ref[1], ref[2])
+    truth = F.cross_entropy(3.0 * torch.tanh(z / 3.0).reshape(-1, 300), t.reshape(-1))
+    tgrads = torch.autograd.grad(truth, ref)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss.double(), truth.detach(), **tol)
+    for a, r in zip(grads, tgrads):
+        torch.testing.assert_close(a.double(), r, **tol)
+    lm = thresher.LinearWeightedCrossEntropyLoss(softcap=3.0, chunk_size=5, backend=backend)
+    assert "softcap=3.0" in repr(lm)
+    torch.testing.assert_close(lm(h, w, t, bias=b), loss.detach())
