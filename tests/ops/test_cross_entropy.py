@@ -725,3 +725,111 @@ def test_linear_softcap_after_bias(backend, dtype):
     lm = thresher.LinearWeightedCrossEntropyLoss(softcap=3.0, chunk_size=5, backend=backend)
     assert "softcap=3.0" in repr(lm)
     torch.testing.assert_close(lm(h, w, t, bias=b), loss.detach())
+
+
+# ---------------------------------------------------------------------------------------
+# Double backward (create_graph=True) and the composable "torch" backend
+# ---------------------------------------------------------------------------------------
+
+ALL_BACKENDS = BACKENDS + ["torch"]
+
+
+def _hvp(loss_fn, inputs, u, vs):
+    """(first-order grads, Hessian-vector product along vs) of <loss_fn(*inputs), u>."""
+    out = loss_fn(*inputs)
+    gs = torch.autograd.grad(out, inputs, u.to(out.dtype), create_graph=True)
+    assert all(g.requires_grad for g in gs), "create_graph=True gave a constant gradient"
+    hv = torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs, vs)), inputs)
+    return [g.detach() for g in gs], hv
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("eps,zl,cap", [(0.0, 0.0, None), (0.1, 1e-2, 3.0)])
+def test_double_backward_matches_plain_torch(backend, reduction, eps, zl, cap):
+    x, t, sw, tw = make_case(2, 4, 37, torch.float64, ignore_frac=0.3)
+    ii = 5  # a custom ignore_index: the -100s become 5s
+    t = torch.where(t == -100, torch.full_like(t, ii), t)
+    x = x.requires_grad_()
+    shape = () if reduction in ("sum", "mean") else (t.shape if reduction == "none" else (2,))
+    u = torch.rand(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def ours(xx):
+        return thresher.weighted_cross_entropy(
+            xx, t, sample_weight=sw, token_weight=tw, ignore_index=ii, reduction=reduction,
+            label_smoothing=eps, z_loss=zl, softcap=cap, backend=backend)
+
+    def plain(xx):
+        xc = cap * torch.tanh(xx / cap) if cap else xx
+        return formula(xc, t, sw, tw, ii, reduction, eps, zl)
+
+    (g1,), (h1,) = _hvp(ours, [x], u, [v])
+    (g2,), (h2,) = _hvp(plain, [x], u, [v])
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h1, h2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_double_backward_matches_plain_torch(backend, reduction):
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(23, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(23, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 23, (2, 3), generator=g)
+    t[1, 2] = -100
+    sw = torch.rand(2, generator=g, dtype=torch.float64)
+    shape = () if reduction in ("sum", "mean") else (t.shape if reduction == "none" else (2,))
+    u = torch.rand(shape, generator=g, dtype=torch.float64)
+    vs = [torch.randn(z.shape, generator=g, dtype=torch.float64) for z in (h, w, b)]
+    kw = dict(sample_weight=sw, reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
+
+    def ours(hh, ww, bb):
+        return thresher.linear_weighted_cross_entropy(hh, ww, t, bias=bb, chunk_size=4,
+                                                      backend=backend, **kw)
+
+    def plain(hh, ww, bb):
+        return formula(F.linear(hh, ww, bb), t, sw, None, -100, reduction, 0.1, 1e-2)
+
+    g1, h1 = _hvp(ours, [h, w, b], u, vs)
+    g2, h2 = _hvp(plain, [h, w, b], u, vs)
+    for a, c in zip(g1 + list(h1), g2 + list(h2)):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradient_reaches_differentiable_weights(backend, reduction):
+    x, t, sw, tw = make_case(2, 3, 11, torch.float64)
+    sw, tw = sw.clone().requires_grad_(), tw.clone().requires_grad_()
+    out = thresher.weighted_cross_entropy(x, t, sample_weight=sw, token_weight=tw,
+                                          reduction=reduction, backend=backend)
+    ref = formula(x, t, sw, tw, -100, reduction)
+    torch.testing.assert_close(out, ref)
+    ga = torch.autograd.grad(out.sum(), (sw, tw))
+    gb = torch.autograd.grad(ref.sum(), (sw, tw))
+    for a, c in zip(ga, gb):
+        torch.testing.assert_close(a, c)
+
+
+def test_torch_backend_is_func_compatible_and_never_auto():
+    x, t, _, _ = make_case(2, 3, 13, torch.float64, weights=False)
+    v = torch.randn_like(x)
+
+    def f(xx):
+        return thresher.weighted_cross_entropy(xx, t, reduction="sample", backend="torch")
+
+    out, jv = torch.func.jvp(f, (x,), (v,))
+    ref, jr = torch.func.jvp(lambda xx: formula(xx, t, reduction="sample"), (x,), (v,))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(jv, jr)
+    assert thresher.ops.cross_entropy.DISPATCH.select("auto", x.device, x.dtype) != "torch"
+
+
+def test_overwrite_logits_refuses_create_graph():
+    x, t, _, _ = make_case(2, 3, 13, torch.float32, weights=False)
+    xs = x.clone().requires_grad_()
+    loss = thresher.weighted_cross_entropy(xs.clone(), t, overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss, xs, create_graph=True)

@@ -39,7 +39,10 @@ computes the gradient in the same sweep that computes the loss -- one read of th
 one write of the gradient for forward+backward -- and the backward only scales it by the
 upstream scalar (skipped when it is 1). For ``"none"``/``"sample"`` the upstream gradient is
 per row and is folded into ``coef`` of a recomputing backward. Under ``torch.compile`` the
-graph is kept functional: forward and backward are separate custom ops.
+graph is kept functional: forward and backward are separate custom ops. A backward run with
+grad mode on (``create_graph=True``) ignores the fused gradient and recomputes it through
+differentiable PyTorch ops, so double backward is exact whichever backend ran the forward;
+``backend="torch"`` builds the whole loss from such ops (for ``torch.func``).
 
 ``overwrite_logits=True`` (``"sum"``/``"mean"`` only, the Liger-Kernel convention) writes that
 gradient over the logits instead of into a new buffer. For N=4096, V=32000 fp32 the new buffer
@@ -224,6 +227,9 @@ DISPATCH = Dispatcher(
         BackendSpec("cpu", ("cpu",), FLOAT_DTYPES, extension_available("_C"), _vocab_limit,
                     on_skip=lambda: _native.warn_missing_once("_C")),
         BackendSpec("reference", ("cpu", "cuda"), FLOAT_DTYPES),
+        # Never chosen by "auto": the composable path (see _composite_ce), for
+        # torch.func transforms and higher-order autograd through every intermediate.
+        BackendSpec("torch", ("cpu", "cuda"), FLOAT_DTYPES, auto_devices=()),
     ],
 )
 
@@ -391,6 +397,28 @@ def _(hidden, weight, bias, target, lse, grad_coef, needs, ignore_index, label_s
 # ----------------------------------------------------------------------------------------
 
 
+def _composite_ce(logits, target, coef, scalar, fuse, ii, eps, zl, sc, backend, overwrite=False):
+    """``backend="torch"``: the same contract as ``_WeightedCE.apply`` from plain PyTorch ops,
+    so every autograd order and ``torch.func`` (jvp, vmap, grad of grad) works through it."""
+    loss, _, _ = reference_cross_entropy_rows(logits, target, None, ii, eps, zl, sc)
+    return (loss * coef).sum() if scalar else loss
+
+
+def _composite_linear_ce(hidden, weight, bias, target, coef, scalar, fuse, ii, eps, zl, sc, chunk,
+                         backend):
+    """``backend="torch"`` for the fused linear op: materialises the (N, V) logits."""
+    return _composite_ce(torch.nn.functional.linear(hidden, weight, bias), target, coef, scalar,
+                         fuse, ii, eps, zl, sc, backend)
+
+
+def _differentiable_grad(logits, target, row_coef, ii, eps, zl, sc):
+    """dL/dlogits from differentiable PyTorch ops (a backward run with create_graph=True):
+    the result has a grad_fn through logits and the upstream, so double backward is exact
+    whatever backend ran the forward."""
+    _, _, grad = reference_cross_entropy_rows(logits, target, row_coef, ii, eps, zl, sc)
+    return grad
+
+
 def _upstream_is_one(g: Tensor) -> bool:
     # Only on the CPU, where reading a scalar costs nothing; on a GPU it would sync, and
     # scaling the gradient in place there is cheap next to the forward.
@@ -430,12 +458,14 @@ class _WeightedCE(torch.autograd.Function):
         logits, target, lse, coef = ctx.saved_tensors
         scalar, ii, eps, zl, sc, backend = ctx.cfg
         fused = _take_fused(ctx)
-        if fused is None and logits is None:
+        if logits is None and (fused is None or torch.is_grad_enabled()):
             raise RuntimeError(
                 "weighted_cross_entropy(overwrite_logits=True) wrote the gradient over the "
-                "logits, so backward can run only once through it (retain_graph is not "
-                "supported); use overwrite_logits=False to backpropagate twice")
-        if fused is not None:
+                "logits, so backward can run only once through it and not with "
+                "create_graph=True; use overwrite_logits=False to backpropagate twice")
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable recompute
+            grad = _differentiable_grad(logits, target, coef * g if scalar else g, ii, eps, zl, sc)
+        elif fused is not None:
             grad = fused if _upstream_is_one(g) else fused.mul_(g.to(fused.dtype))
         else:
             row_coef = (coef * g if scalar else g).to(lse.dtype).contiguous()
@@ -461,6 +491,13 @@ class _LinearWeightedCE(torch.autograd.Function):
         hidden, weight, bias, target, lse, coef = ctx.saved_tensors
         scalar, needs, ii, eps, zl, sc, chunk, backend = ctx.cfg
         fused = _take_fused(ctx)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable, materialises (N, V)
+            z = torch.nn.functional.linear(hidden, weight, bias)
+            gz = _differentiable_grad(z, target, coef * g if scalar else g, ii, eps, zl, sc)
+            gh = gz @ weight if needs[0] else None
+            gw = gz.t() @ hidden if needs[1] else None
+            gb = gz.sum(0) if needs[2] and bias is not None else None
+            return gh, gw, gb, None, None, None, None, None, None, None, None, None, None
         if fused is not None:
             if not _upstream_is_one(g):
                 fused = tuple(t.mul_(g.to(t.dtype)) for t in fused)
@@ -528,13 +565,15 @@ def _run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, r
          needs_grad, acc, make_args):
     """Applies the reduction around ``fn`` (a _WeightedCE / _LinearWeightedCE apply)."""
     w, tw = _weights(target2, sample_weight, token_weight, ignore_index, acc)
+    dummy = w.new_ones(())  # unused coefficient in the per-token mode
     if reduction in ("sum", "mean"):
         coef = w.reshape(-1)
         if reduction == "mean":
             coef = coef / coef.sum().clamp_min(torch.finfo(acc).tiny)
+        if coef.requires_grad:  # differentiable weights: the weighting stays outside the op
+            return (fn(*make_args(dummy, False, False)) * coef).sum()
         fuse = needs_grad and not torch.compiler.is_compiling()
         return fn(*make_args(coef.contiguous(), True, fuse))
-    dummy = w.new_ones(())  # unused coefficient in the per-token mode
     loss = fn(*make_args(dummy, False, False)).reshape(tw.shape)
     if reduction == "none":
         return (loss * w).reshape(target_shape)
@@ -579,7 +618,7 @@ def weighted_cross_entropy(
     target2, tflat = _as_2d_target(target)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     return _run(
-        _WeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
+        _composite_ce if name == "torch" else _WeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
         reduction, needs_grad, _acc_dtype(logits.dtype),
         lambda coef, scalar, fuse: (x, tflat, coef, scalar, fuse, ignore_index,
                                     float(label_smoothing), float(z_loss), float(softcap or 0.0),
@@ -632,7 +671,7 @@ def linear_weighted_cross_entropy(
         hidden.requires_grad or lm_weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     return _run(
-        _LinearWeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
+        _composite_linear_ce if name == "torch" else _LinearWeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
         reduction, needs_grad, _acc_dtype(hidden.dtype),
         lambda coef, scalar, fuse: (h2, w, bias, tflat, coef, scalar, fuse, ignore_index,
                                     float(label_smoothing), float(z_loss), float(softcap or 0.0),
