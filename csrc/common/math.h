@@ -86,8 +86,9 @@ THR_HD uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(out | sign);
 }
 
-// exp(x) in float, <= 2 ulp on [-87, 88]; below -87 returns ~1.6e-38 (not 0): harmless where
-// it is used (softmax terms are scaled by O(1) coefficients and summed with O(1) terms).
+// exp(x) in float, <= 2 ulp on [-87, 88]; exactly 0 below ln(FLT_MIN) = -87.34 (the float
+// subnormals are flushed), so masked (-inf) logits get exactly zero probability and gradient,
+// as on the other backends.
 // Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, the Cephes degree-6 polynomial for
 // exp(r), and 2^n written straight into the exponent bits.
 // F is float or a GCC vector of floats and U the matching unsigned type: the CPU kernels
@@ -100,6 +101,7 @@ inline __attribute__((always_inline)) To bitcast(From f) { return __builtin_bit_
 template <typename F, typename U>
 inline __attribute__((always_inline)) F exp_poly(F x) {
   const F lo = F{} - 87.0f, hi = F{} + 88.0f;
+  const F x_in = x;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   // n = round(x / ln2) by the 1.5 * 2^23 trick: adding it leaves n in the low mantissa bits
@@ -117,7 +119,8 @@ inline __attribute__((always_inline)) F exp_poly(F x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   U e = bitcast<U>(shifted) - bitcast<U>(magic) + 127u;  // n + exponent bias
-  return p * bitcast<F>(e << 23);
+  const F r_exp = p * bitcast<F>(e << 23);
+  return x_in < F{} - 87.33654475f ? F{} : r_exp;
 }
 
 // tanh(x) in float, a few ulp: the Cephes odd polynomial for |x| < 0.625 (where the exp form

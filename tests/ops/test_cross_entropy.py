@@ -6,6 +6,7 @@ kernels' interpreter runs and AOT compilation are in tests/kernels/test_cross_en
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -833,3 +834,80 @@ def test_overwrite_logits_refuses_create_graph():
     loss = thresher.weighted_cross_entropy(xs.clone(), t, overwrite_logits=True)
     with pytest.raises(RuntimeError, match="create_graph=True"):
         torch.autograd.grad(loss, xs, create_graph=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Numerical edge cases: weight normalisers, masked logits, 16-bit rounding
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("scale", [1e38, 3e-39, 1e-44])
+def test_mean_and_sample_normalisers_do_not_overflow_or_underflow(backend, scale):
+    x, t, sw, tw = make_case(2, 4, 17, torch.float32, ignore_frac=0.25)
+    for reduction, kw in (("mean", dict(sample_weight=sw * scale)),
+                          ("mean", dict(token_weight=tw * scale)),
+                          ("sample", dict(token_weight=tw * scale))):
+        kw = {k: v.float() for k, v in kw.items()}
+        got = thresher.weighted_cross_entropy(x, t, reduction=reduction, backend=backend, **kw)
+        unit = {k: v.double() / scale for k, v in kw.items()}  # the same weights, rescaled
+        want = formula(x.double(), t, unit.get("sample_weight"), unit.get("token_weight"),
+                       reduction=reduction)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6,
+                                   msg=f"{reduction} {list(kw)}")
+
+
+def _masked_case(dtype):
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(6, 300, generator=g) * 3).to(dtype)
+    x[:, ::3] = -math.inf
+    x[0, 1:] = -math.inf  # one finite logit: the target's
+    t = torch.randint(0, 100, (6,), generator=g) * 3 + 1
+    t[0] = 0
+    x[0, 0] = 1.0
+    return x, t
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_masked_logits_get_exactly_zero_gradient(backend, dtype):
+    x, t = _masked_case(dtype)
+    for reduction in ("mean", "none"):
+        xs = x.clone().requires_grad_()
+        out = thresher.weighted_cross_entropy(xs, t, reduction=reduction, backend=backend)
+        (g,) = torch.autograd.grad(out.sum(), xs)
+        masked = torch.isinf(x)
+        assert torch.all(g[masked] == 0), (reduction, g[masked].abs().max())
+        assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("upstream", [1.0, 0.3])
+def test_16bit_gradient_rounded_once(backend, dtype, upstream):
+    # the exact gradient rounded once to the dtype; rounding the fused gradient and then its
+    # product with the upstream would disagree on about half the elements
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 500, generator=g) * 3).to(dtype)
+    t = torch.randint(0, 500, (64,), generator=g)
+    xs = x.clone().requires_grad_()
+    loss = thresher.weighted_cross_entropy(xs, t, reduction="sum", backend=backend)
+    (gx,) = torch.autograd.grad(loss, xs, torch.tensor(upstream))
+    x64 = x.double().requires_grad_()
+    (gt,) = torch.autograd.grad(F.cross_entropy(x64, t, reduction="sum") * upstream, x64)
+    assert float((gx == gt.to(dtype)).double().mean()) > 0.995
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_linear_bf16_bias_rounded_once(backend):
+    # bias added inside the GEMM: loss error at eager torch's level (mm then += bias in bf16
+    # rounded the logits twice: 4-65x eager's error)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 32, generator=g).bfloat16()
+    w = torch.randn(500, 32, generator=g).bfloat16()
+    b = (torch.randn(500, generator=g) * 3).bfloat16()
+    t = torch.randint(0, 500, (64,), generator=g)
+    got = thresher.linear_weighted_cross_entropy(h, w, t, bias=b, chunk_size=16, backend=backend)
+    truth = F.cross_entropy(F.linear(h.double(), w.double(), b.double()), t)
+    eager = F.cross_entropy(F.linear(h, w, b).float(), t)
+    assert abs(float(got) - float(truth)) <= 2 * abs(float(eager) - float(truth)) + 1e-6

@@ -296,11 +296,12 @@ def _linear_chunks(n: int, chunk: int):
 
 def _linear_logits(hidden_chunk, weight, bias, buf):
     """Logits of one chunk written into the reused (chunk_size, V) buffer ``buf``: one
-    allocation (and one round of page faults) per call instead of one per chunk."""
-    z = torch.mm(hidden_chunk, weight.t(), out=buf[: hidden_chunk.size(0)])
-    if bias is not None:
-        z += bias
-    return z
+    allocation (and one round of page faults) per call instead of one per chunk. The bias is
+    added inside the GEMM (addmm): for 16-bit logits, ``mm`` then ``+= bias`` would round twice."""
+    out = buf[: hidden_chunk.size(0)]
+    if bias is None:
+        return torch.mm(hidden_chunk, weight.t(), out=out)
+    return torch.addmm(bias, hidden_chunk, weight.t(), out=out)
 
 
 def _chunk_buffer(hidden, weight, chunk_size):
@@ -419,10 +420,24 @@ def _differentiable_grad(logits, target, row_coef, ii, eps, zl, sc):
     return grad
 
 
-def _upstream_is_one(g: Tensor) -> bool:
-    # Only on the CPU, where reading a scalar costs nothing; on a GPU it would sync, and
-    # scaling the gradient in place there is cheap next to the forward.
-    return g.device.type == "cpu" and g.numel() == 1 and float(g) == 1.0
+def _upstream_is_one(g: Tensor, dtype: torch.dtype) -> bool:
+    # On the CPU reading a scalar costs nothing. On a GPU it syncs, so for fp32/fp64 (where
+    # scaling the fused gradient in place rounds once more at fp32 precision) it is skipped.
+    # A 16-bit fused gradient scaled in place would be rounded twice, so there the scalar is
+    # read on any device and an upstream other than 1 recomputes instead (_reuse_fused).
+    if g.numel() != 1 or (g.device.type != "cpu" and dtype not in (torch.bfloat16, torch.float16)):
+        return False
+    return float(g) == 1.0
+
+
+def _reuse_fused(g: Tensor, dtype: torch.dtype, can_recompute: bool) -> bool | None:
+    """True: the fused gradient is final; False: scale it by ``g`` in place; None: recompute
+    (a 16-bit gradient times an upstream other than 1 would be rounded twice)."""
+    if _upstream_is_one(g, dtype):
+        return True
+    if dtype in (torch.bfloat16, torch.float16) and can_recompute:
+        return None
+    return False
 
 
 def _take_fused(ctx):
@@ -465,8 +480,9 @@ class _WeightedCE(torch.autograd.Function):
                 "create_graph=True; use overwrite_logits=False to backpropagate twice")
         if torch.is_grad_enabled():  # create_graph=True: a differentiable recompute
             grad = _differentiable_grad(logits, target, coef * g if scalar else g, ii, eps, zl, sc)
-        elif fused is not None:
-            grad = fused if _upstream_is_one(g) else fused.mul_(g.to(fused.dtype))
+        elif fused is not None and (use := _reuse_fused(g, fused.dtype, logits is not None)) \
+                is not None:
+            grad = fused if use else fused.mul_(g.to(fused.dtype))
         else:
             row_coef = (coef * g if scalar else g).to(lse.dtype).contiguous()
             grad = _ce_bwd_op(logits, target, lse, row_coef, ii, eps, zl, sc, backend)
@@ -498,8 +514,9 @@ class _LinearWeightedCE(torch.autograd.Function):
             gw = gz.t() @ hidden if needs[1] else None
             gb = gz.sum(0) if needs[2] and bias is not None else None
             return gh, gw, gb, None, None, None, None, None, None, None, None, None, None
-        if fused is not None:
-            if not _upstream_is_one(g):
+        use = None if fused is None else _reuse_fused(g, hidden.dtype, True)
+        if use is not None:
+            if not use:
                 fused = tuple(t.mul_(g.to(t.dtype)) for t in fused)
             gh, gw, gb = fused
         else:
@@ -561,6 +578,18 @@ def _weights(target2, sample_weight, token_weight, ignore_index, acc):
     return w, tw
 
 
+def _normalised(w, dim=None):
+    """``w / w.sum(dim)`` (0 where every weight is 0) without overflow or underflow: scaled by
+    the largest weight first, so the sum is in [1, n] (a float32 sum of weights >= 3.4e38 is
+    inf, one of subnormal weights loses their digits)."""
+    if w.numel() == 0:
+        return w
+    kw = {} if dim is None else dict(dim=dim, keepdim=True)
+    m = w.amax(**kw)
+    ws = w / torch.where(m > 0, m, torch.ones_like(m))
+    return ws / ws.sum(**kw).clamp_min(1.0)  # the sum is >= 1 unless every weight is 0
+
+
 def _run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, reduction,
          needs_grad, acc, make_args):
     """Applies the reduction around ``fn`` (a _WeightedCE / _LinearWeightedCE apply)."""
@@ -569,7 +598,7 @@ def _run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, r
     if reduction in ("sum", "mean"):
         coef = w.reshape(-1)
         if reduction == "mean":
-            coef = coef / coef.sum().clamp_min(torch.finfo(acc).tiny)
+            coef = _normalised(coef)
         if coef.requires_grad:  # differentiable weights: the weighting stays outside the op
             return (fn(*make_args(dummy, False, False)) * coef).sum()
         fuse = needs_grad and not torch.compiler.is_compiling()
@@ -577,7 +606,7 @@ def _run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, r
     loss = fn(*make_args(dummy, False, False)).reshape(tw.shape)
     if reduction == "none":
         return (loss * w).reshape(target_shape)
-    per_seq = (loss * tw).sum(1) / tw.sum(1).clamp_min(torch.finfo(acc).tiny)
+    per_seq = (loss * _normalised(tw, 1)).sum(1)
     return per_seq if sample_weight is None else per_seq * sample_weight.to(acc)
 
 
