@@ -156,15 +156,35 @@ def energy(Q, G, side):
     return float(project(G.double(), Q.double(), side).pow(2).sum() / G.double().pow(2).sum())
 
 
+def _galore_adamw():
+    """galore-torch's GaLoreAdamW. Its package __init__ also imports the 8-bit variant, which
+    needs bitsandbytes (125 MB, absent on some GPU images) although GaLoreAdamW does not use
+    it: without bitsandbytes, galore_torch.adamw is loaded without running that __init__."""
+    import importlib.util
+    import types
+
+    try:
+        from galore_torch import GaLoreAdamW
+        return GaLoreAdamW, "ok (galore-torch GaLoreAdamW)"
+    except ImportError as exc:
+        if "bitsandbytes" not in str(exc):
+            raise
+        sys.modules.pop("galore_torch", None)
+    spec = importlib.util.find_spec("galore_torch")
+    pkg = types.ModuleType("galore_torch")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["galore_torch"] = pkg
+    from galore_torch.adamw import AdamW
+    return AdamW, "ok (galore-torch GaLoreAdamW, loaded without bitsandbytes)"
+
+
 def load_peers() -> tuple[dict, dict]:
     """``({name: optimizer class}, {name: "ok" | why not})`` for the optional peers."""
     classes, status = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            from galore_torch import GaLoreAdamW
-            classes["galore"] = GaLoreAdamW
-            status["galore"] = "ok (galore-torch GaLoreAdamW)"
+            classes["galore"], status["galore"] = _galore_adamw()
         except Exception as exc:  # noqa: BLE001 - any import failure: report, go on
             status["galore"] = f"unavailable: {type(exc).__name__}: {exc}"
         try:
