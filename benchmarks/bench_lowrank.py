@@ -193,7 +193,7 @@ def load_peers() -> tuple[dict, dict]:
             status["torchao_galore"] = "ok (torchao.prototype.galore AdamW)"
         except Exception as exc:  # noqa: BLE001
             status["torchao_galore"] = (f"unavailable: {type(exc).__name__}: {exc} (torchao "
-                                        "releases since 0.10 ship no GaLore optimizer)")
+                                        "0.18 ships no GaLore optimizer)")
     return classes, status
 
 
