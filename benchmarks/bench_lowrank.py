@@ -94,7 +94,8 @@ def parse_args(argv):
     ap.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
                     help="parameter/gradient dtype (default: fp32 on the CPU, bf16 on CUDA)")
     ap.add_argument("--quick", action="store_true",
-                    help="CPU: 1024x1024 at rank 128; CUDA: the headline case; few repeats")
+                    help="few repeats, no Triton AOT section; without --shapes/--ranks "
+                         "CPU: 1024x1024 at rank 128, CUDA: the headline case")
     ap.add_argument("--headline", action="store_true", help="2048x5632 at rank 256 only")
     ap.add_argument("--shapes", default=None, help="e.g. 1024x1024,2048x5632")
     ap.add_argument("--ranks", default=None, help="e.g. 64,128,256")
@@ -489,14 +490,15 @@ def main(argv=None) -> int:
         return 2
     dev = torch.device(args.device)
     dtype = C.DTYPES[args.dtype or ("bf16" if dev.type == "cuda" else "fp32")]
-    if args.quick:
+    if args.quick and not (args.shapes or args.ranks):
         cases = [HEADLINE if dev.type == "cuda" else ((1024, 1024), 128)]
+    if args.quick:
         args.repeats = min(args.repeats, 3 if dev.type == "cpu" else 10)
         args.svd_repeats = 1 if dev.type == "cpu" else min(args.svd_repeats, 2)
         args.no_memory = args.no_memory or dev.type == "cpu"
-    elif args.headline:
+    if args.headline:
         cases = [HEADLINE]
-    else:
+    elif not args.quick or args.shapes or args.ranks:
         shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x"))
                                                  for s in args.shapes.split(",")]
         ranks = RANKS if not args.ranks else [int(r) for r in args.ranks.split(",")]

@@ -284,3 +284,29 @@ def test_trains_a_small_model():
         opt.step()
         first = first if first is not None else float(loss.detach())
     assert float(loss) < 0.5 * first and math.isfinite(float(loss))
+
+
+def test_benchmark_cpu_run_writes_markdown_and_json(tmp_path):
+    """benchmarks/bench_lowrank.py's interface (the GPU report runs it with --device cuda):
+    a run writes Markdown + JSON into --out with thresher's default against every peer
+    that imports; missing peers are reported in meta.peers, not fatal."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_lowrank.py"
+    spec = importlib.util.spec_from_file_location("bench_lowrank_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu", "--quick", "--shapes", "96x160", "--ranks", "8",
+                       "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "lowrank_quick.json").read_text())
+    row = result["rows"][0]
+    assert row["device"] == "cpu" and row["shape"] == "96x160" and row["rank"] == 8
+    assert {"galore", "torchao_galore"} <= set(result["meta"]["peers"])
+    assert row["step_thresher_ms"] > 0 and row["refresh_power_ms"] > 0
+    assert 0.99 < row["energy_ratio_power"] <= 1.0 + 1e-6
+    if result["meta"]["peers"]["galore"].startswith("ok"):
+        assert row["amortised_galore_ms"] > 0
+    md = (tmp_path / "lowrank_quick.md").read_text()
+    assert "thresher's defaults (proj='power') vs galore-torch" in md and "96x160" in md
