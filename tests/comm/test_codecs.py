@@ -123,6 +123,13 @@ def test_lowrank_power_method_warm_starts():
     (lambda: TopKCodec().decode(torch.zeros(3)), TypeError, "packed must be"),
     (lambda: TopKCodec().unpack(torch.zeros(3, dtype=torch.uint8), (5000,)), ValueError, "must have"),
     (lambda: QuantCodec().decode(QuantCodec().encode(torch.zeros(3)), out=torch.zeros(4)), ValueError, "3 elements"),
+    # meta tensors: refused by name, not an internal error from deep inside (or, for the
+    # low-rank decode, a meta result passed off as decoded)
+    (lambda: LowRankCodec(rank=2).encode(torch.empty(8, 12, device="meta")), ValueError,
+     "^x is a meta tensor"),
+    (lambda: LowRankCodec(rank=2).decode(LowRankCodec(rank=2).unpack(
+        torch.empty(4 * 2 * 20, dtype=torch.uint8, device="meta"), (8, 12))), ValueError,
+     r"packed.data is a meta tensor"),
 ])
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -357,7 +357,45 @@ def test_corrupted_payload_raises(backend):
         C.topk_decode(bad, 100, k=4, chunk=64, bits=2, backend=backend)
 
 
+def _with_header_float(payload, index, value):
+    bad = payload.clone()
+    bad[4 * index: 4 * index + 4] = torch.tensor([value], dtype=torch.float32).view(torch.uint8)
+    return bad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=str)
+def test_non_finite_scale_in_payload_raises_and_leaves_out_alone(backend, value):
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    out = torch.ones(1000)
+    p = C.topk_encode(x, k=8, chunk=256, backend=backend)
+    with pytest.raises(ValueError, match=f"payload must hold finite scales.*chunk 2's is {value}"):
+        C.topk_decode(_with_header_float(p, 2, value), 1000, k=8, chunk=256, out=out,
+                      backend=backend)
+    p = C.quantize_blockwise(x, bits=4, block=128, backend=backend)
+    with pytest.raises(ValueError, match="payload must hold finite scales.*block 5"):
+        C.dequantize_blockwise(_with_header_float(p, 5, value), 1000, bits=4, block=128,
+                               out=out, backend=backend)
+    # meanstd: offsets (blocks 0..7) come before the scales (8..15)
+    p = C.quantize_blockwise(x, bits=4, block=128, scaling="meanstd", backend=backend)
+    for i in (3, 8 + 6):
+        with pytest.raises(ValueError, match=f"block {i % 8}"):
+            C.dequantize_blockwise(_with_header_float(p, i, value), 1000, bits=4, block=128,
+                                   scaling="meanstd", out=out, backend=backend)
+    assert torch.equal(out, torch.ones(1000))
+
+
+def _meta(n, dtype=torch.float32):
+    return torch.empty(n, dtype=dtype, device="meta")
+
+
 @pytest.mark.parametrize("call, exc, match", [
+    (lambda: C.topk_encode(_meta(10)), ValueError, "x is a meta tensor"),
+    (lambda: C.quantize_blockwise(_meta(10)), ValueError, "x is a meta tensor"),
+    (lambda: C.topk_decode(_meta(C.topk_nbytes(10), torch.uint8), 10), ValueError,
+     "payload is a meta tensor"),
+    (lambda: C.dequantize_blockwise(_meta(C.quant_nbytes(10), torch.uint8), 10), ValueError,
+     "payload is a meta tensor"),
     (lambda: C.topk_encode(torch.arange(10)), TypeError, "x must have dtype"),
     (lambda: C.topk_encode([1.0]), TypeError, "x must be a torch.Tensor"),
     (lambda: C.topk_encode(torch.randn(10), torch.zeros(10, dtype=torch.float16)), TypeError, "error must have dtype"),

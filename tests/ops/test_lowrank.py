@@ -19,6 +19,7 @@ from thresher.ops import BackendUnavailableError
 from thresher.ops._dispatch import extension_available
 from thresher.ops import lowrank as L
 from thresher.ops.lowrank import (
+    METHODS,
     choose_side,
     lowrank_adam_step,
     project,
@@ -163,6 +164,40 @@ def test_refresh_bad_inputs():
         refresh_projection(torch.zeros(3, 4, 5), 2)
     with pytest.raises(ValueError, match="seed must be an int"):
         refresh_projection(G, 2, method="random", seed=1.5)
+
+
+def test_exact_refresh_runs_lapack_single_threaded_on_cpu(monkeypatch):
+    """The exact path's SVD runs on one thread like the other factorisations: on shared cores
+    a 2-thread LAPACK SVD took 9-13x longer than a 1-thread one, which made the exact
+    refresh measure 0.2-0.7x galore-torch's (see _lapack_threads)."""
+    seen = []
+    svd = torch.linalg.svd
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return svd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", spy)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        refresh_projection(torch.randn(6, 8, generator=gen(0)), 2, method="svd")
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(n)
+    assert seen == [1]
+
+
+def test_meta_tensors_are_refused_by_name():
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    for method in METHODS:
+        with pytest.raises(ValueError, match="matrix is a meta tensor"):
+            refresh_projection(meta(6, 8), 2, method=method, prev=meta(6, 2))
+    with pytest.raises(ValueError, match="param is a meta tensor"):
+        lowrank_adam_step(meta(8, 12), meta(8, 12), meta(8, 2), meta(2, 12), meta(2, 12),
+                          side="left", step=1, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8)
 
 
 # ----------------------------------------------------------------------------------------
@@ -383,6 +418,22 @@ def _bad(**over):
     (dict(error=torch.zeros(8, 12), mu=0.0), ValueError, r"mu must be in \(0.0"),
     (dict(side="top"), ValueError, "side must be one of"),
     (dict(backend="gpu"), ValueError, "backend must be one of"),
+    # infinite / NaN hyper-parameters (each made every update inf or NaN)
+    (dict(lr=math.inf), ValueError, "lr must be a finite number, got inf"),
+    (dict(lr=math.nan), ValueError, "lr must be a finite number, got nan"),
+    (dict(eps=math.inf), ValueError, "eps must be a finite number"),
+    (dict(weight_decay=math.inf), ValueError, "weight_decay must be a finite number"),
+    (dict(scale=-math.inf), ValueError, "scale must be a finite number"),
+    (dict(beta2=math.nan), ValueError, "beta2 must be a finite number"),
+    (dict(error=torch.zeros(8, 12), omega=0.5, mu=math.inf), ValueError,
+     "mu must be a finite number"),
+    (dict(error=torch.zeros(8, 12), omega=math.nan), ValueError, "omega must be a finite number"),
+    # a basis wider than the matrix's smaller side (8): more directions than exist
+    (dict(Q=torch.zeros(8, 9), exp_avg=torch.zeros(9, 12), exp_avg_sq=torch.zeros(9, 12)),
+     ValueError, r"Q must have between 1 and min\(p, q\) = 8 columns"),
+    (dict(Q=torch.zeros(8, 0), exp_avg=torch.zeros(0, 12), exp_avg_sq=torch.zeros(0, 12)),
+     ValueError, "Q must have between 1 and"),
+    (dict(step=torch.ones((), device="meta")), ValueError, "step is a meta tensor"),
 ])
 def test_step_bad_inputs(over, exc, msg):
     with pytest.raises(exc, match=msg):

@@ -208,7 +208,13 @@ def test_closure_and_no_grad_params():
 @pytest.mark.parametrize("kw,exc,msg", [
     (dict(lr=-1.0), ValueError, "lr must be in"),
     (dict(betas=(0.9,)), ValueError, "betas must be a pair"),
-    (dict(betas=(1.0, 0.9)), ValueError, r"betas\[0\] must be < 1"),
+    (dict(betas=(1.0, 0.9)), ValueError, r"betas\[0\] must be in \[0.0, 1.0\)"),
+    (dict(betas=(0.9, math.nan)), ValueError, r"betas\[1\] must be a finite number"),
+    (dict(lr=math.inf), ValueError, "lr must be a finite number, got inf"),
+    (dict(lr=math.nan), ValueError, "lr must be a finite number, got nan"),
+    (dict(eps=math.inf), ValueError, "eps must be a finite number"),
+    (dict(weight_decay=math.inf), ValueError, "weight_decay must be a finite number"),
+    (dict(scale=math.inf), ValueError, "scale must be a finite number"),
     (dict(rank=0), ValueError, "rank must be an int >= 1"),
     (dict(update_proj_gap=0), ValueError, "update_proj_gap must be an int >= 1"),
     (dict(proj="qr"), ValueError, "proj must be one of"),
@@ -222,6 +228,37 @@ def test_bad_arguments(kw, exc, msg):
         LowRankAdam(Net().parameters(), **kw)
     with pytest.raises(exc, match=msg):  # per-group overrides are checked too
         LowRankAdam([{"params": list(Net().parameters()), **kw}])
+
+
+def test_meta_parameter_is_refused_by_name():
+    w = torch.nn.Parameter(torch.empty(8, 12, device="meta"))
+    w.grad = torch.empty(8, 12, device="meta")
+    with pytest.raises(ValueError, match="is a meta tensor"):
+        LowRankAdam([w], rank=2).step()
+
+
+def test_default_refresh_is_randomised_then_warm_power():
+    """The default ``proj`` is the fast one: the first basis is the randomised SVD's, a later
+    refresh one power iteration from the previous basis (not an SVD)."""
+    from thresher.ops.lowrank import refresh_projection
+
+    net = Net(torch.float32)
+    opt = LowRankAdam(net.parameters(), lr=0.01, rank=3, update_proj_gap=2)
+    assert opt.defaults["proj"] == "power"
+    opt.zero_grad()
+    loss_fn(net, 1).backward()
+    g1 = net.w1.grad.clone()
+    opt.step()
+    Q1 = opt.state[net.w1]["Q"].clone()
+    assert torch.equal(Q1, refresh_projection(g1, 3, side="left", method="random", seed=0))
+    train(net, opt, 1, start=2)
+    opt.zero_grad()
+    loss_fn(net, 3).backward()
+    g3 = net.w1.grad.clone()
+    opt.step()  # step 3: a refresh
+    Q3 = opt.state[net.w1]["Q"]
+    assert torch.equal(Q3, refresh_projection(g3, 3, side="left", method="power", prev=Q1))
+    assert not torch.equal(Q3, refresh_projection(g3, 3, side="left", method="random", seed=1))
 
 
 def test_sparse_gradient_is_refused():
@@ -247,3 +284,29 @@ def test_trains_a_small_model():
         opt.step()
         first = first if first is not None else float(loss.detach())
     assert float(loss) < 0.5 * first and math.isfinite(float(loss))
+
+
+def test_benchmark_cpu_run_writes_markdown_and_json(tmp_path):
+    """benchmarks/bench_lowrank.py's interface (the GPU report runs it with --device cuda):
+    a run writes Markdown + JSON into --out with thresher's default against every peer
+    that imports; missing peers are reported in meta.peers, not fatal."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_lowrank.py"
+    spec = importlib.util.spec_from_file_location("bench_lowrank_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu", "--quick", "--shapes", "96x160", "--ranks", "8",
+                       "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "lowrank_quick.json").read_text())
+    row = result["rows"][0]
+    assert row["device"] == "cpu" and row["shape"] == "96x160" and row["rank"] == 8
+    assert {"galore", "torchao_galore"} <= set(result["meta"]["peers"])
+    assert row["step_thresher_ms"] > 0 and row["refresh_power_ms"] > 0
+    assert 0.99 < row["energy_ratio_power"] <= 1.0 + 1e-6
+    if result["meta"]["peers"]["galore"].startswith("ok"):
+        assert row["amortised_galore_ms"] > 0
+    md = (tmp_path / "lowrank_quick.md").read_text()
+    assert "thresher's defaults (proj='power') vs galore-torch" in md and "96x160" in md

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from thresher.ops import compress as _cops
 from thresher.ops._validate import check_choice, check_tensor
+from thresher.ops.lowrank import check_has_data
 
 __all__ = ["Packed", "Codec", "TopKCodec", "QuantCodec", "LowRankCodec"]
 
@@ -73,6 +74,7 @@ class Codec:
 
     def _check_x(self, x, error):
         check_tensor("x", x, dtypes=_FLOAT)
+        check_has_data("x", x)
         if error is not None:
             check_tensor("error", error, dtypes=(torch.float32,), device=x.device)
             if error.numel() != x.numel() or not error.is_contiguous():
@@ -105,6 +107,7 @@ class Codec:
             raise TypeError(f"packed must be a thresher.comm.Packed, got {type(packed).__name__}")
         n = packed.numel
         dev = packed.data.device
+        check_has_data("packed.data", packed.data)
         if count is not None:
             check_tensor("count", count, dtypes=(torch.int32,), device=dev)
             if count.numel() != n or not count.is_contiguous():

@@ -43,6 +43,8 @@ e -= dequantised).
 
 Non-finite inputs: a NaN/inf in ``e + x`` makes its chunk's scale non-finite; the encoders
 then raise ValueError (after ``error`` has been updated: restore it from a copy if needed).
+The decoders raise ValueError for a payload with a non-finite scale or offset (before
+touching ``out``). Meta tensors are refused (ValueError): the ops need the values.
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ from ._dispatch import (
     triton_module,
 )
 from ._validate import check_choice, check_tensor, values_checkable
+from .lowrank import check_has_data
 
 __all__ = [
     "topk_encode",
@@ -605,14 +608,21 @@ def _check_error(error, x) -> None:
         raise ValueError("error must be contiguous (it is updated in place)")
 
 
-def _check_finite_scales(payload: Tensor, n_units: int, per_unit: int, unit: str) -> None:
+def _check_finite_scales(payload: Tensor, n_units: int, per_unit: int, unit: str,
+                         decoding: bool = False) -> None:
+    """The payload's float32 header (scales; offsets first for meanstd) must be finite: the
+    encoders' scale is non-finite exactly when the chunk/block held NaN or inf, and a decoder
+    given a non-finite scale would spread it over the whole chunk/block silently."""
     if not n_units or not values_checkable():
         return
     s = payload[: 4 * n_units * per_unit].view(torch.float32)
     bad = ~torch.isfinite(s)
     if bool(bad.any()):
-        first = int(bad.nonzero()[0, 0]) % n_units
-        raise ValueError(f"x (+ error) must be finite: {unit} {first} holds NaN or inf")
+        i = int(bad.nonzero()[0, 0])
+        if decoding:
+            raise ValueError(f"payload must hold finite scales and offsets: {unit} {i % n_units}'s "
+                             f"is {s[i].item()} (a corrupted message)")
+        raise ValueError(f"x (+ error) must be finite: {unit} {i % n_units} holds NaN or inf")
 
 
 def _flat_x(x: Tensor) -> Tensor:
@@ -625,6 +635,7 @@ def topk_encode(x: Tensor, error: Tensor | None = None, *, k: int = 64, chunk: i
     the payload (1-D uint8 of exactly ``topk_nbytes(x.numel(), k, chunk, bits)`` bytes);
     ``error`` (float32, as many elements as ``x``, contiguous) is updated in place."""
     check_tensor("x", x, dtypes=X_DTYPES)
+    check_has_data("x", x)
     _check_error(error, x)
     _check_int("k", k, 1)
     _check_int("chunk", chunk, 1)
@@ -637,6 +648,7 @@ def topk_encode(x: Tensor, error: Tensor | None = None, *, k: int = 64, chunk: i
 
 def _check_payload(payload, nbytes: int, device) -> None:
     check_tensor("payload", payload, ndim=1, dtypes=(torch.uint8,), device=device)
+    check_has_data("payload", payload)
     if payload.numel() != nbytes:
         raise ValueError(f"payload must have exactly {nbytes} bytes for these settings, got "
                          f"{payload.numel()} (wrong numel/k/chunk/bits, or a truncated message)")
@@ -672,6 +684,7 @@ def topk_decode(payload: Tensor, numel: int, *, k: int = 64, chunk: int = 4096, 
         if count.numel() != numel or not count.is_contiguous():
             raise ValueError(f"count must be a contiguous int32 tensor of {numel} elements")
     name = DISPATCH.select(backend, payload.device, torch.float32, chunk=chunk)
+    _check_finite_scales(payload, -(-numel // chunk), 1, "chunk", decoding=True)
     bad = _call(_topk_decode_op, payload, out, count, k, chunk, bits, name)
     if values_checkable() and int(bad):
         raise ValueError(f"payload holds {int(bad)} indices outside their chunk (corrupted "
@@ -684,6 +697,7 @@ def quantize_blockwise(x: Tensor, error: Tensor | None = None, *, bits: int = 8,
     """Blockwise 8/4/2-bit quantisation of ``x`` (with error feedback into ``error`` when
     given). Returns the payload of exactly ``quant_nbytes(x.numel(), bits, block, scaling)``."""
     check_tensor("x", x, dtypes=X_DTYPES)
+    check_has_data("x", x)
     _check_error(error, x)
     _check_bits(bits)
     _check_int("block", block, 1)
@@ -706,5 +720,7 @@ def dequantize_blockwise(payload: Tensor, numel: int, *, bits: int = 8, block: i
                    if isinstance(payload, Tensor) else None)
     out = _check_out(out, numel, payload.device, "out")
     name = DISPATCH.select(backend, payload.device, torch.float32, block=block)
+    _check_finite_scales(payload, -(-numel // block), 2 if scaling == "meanstd" else 1, "block",
+                         decoding=True)
     _call(_quant_decode_op, payload, out, bits, block, scaling, name)
     return out

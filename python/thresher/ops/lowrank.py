@@ -5,8 +5,8 @@ Public API (``from thresher.ops.lowrank import ...``)::
     choose_side(shape) -> "left" | "right"
     project(grad, Q, side) -> R
     project_back(R, Q, side) -> G_hat
-    refresh_projection(matrix, rank, *, side="auto", method="svd"|"power"|"random", prev=None,
-                       seed=0, niter=None, oversample=8) -> Q
+    refresh_projection(matrix, rank, *, side="auto", method="power"|"random"|"svd", prev=None,
+                       seed=0, niter=None, oversample=None) -> Q
     lowrank_adam_step(param, grad, Q, exp_avg, exp_avg_sq, *, side, step, lr, beta1, beta2, eps,
                       weight_decay=0.0, scale=1.0, error=None, omega=0.0, mu=1.0, backend="auto")
 
@@ -77,6 +77,32 @@ from ._dispatch import (
     triton_module,
 )
 from ._validate import check_choice, check_range, check_tensor
+
+# The two checks below are missing from ._validate (which every op shares and another
+# module owns); they live here until they move there. ops.compress and optim.lowrank_adam
+# import them from this module.
+
+
+def check_finite_range(name: str, value, lo: float = -math.inf, hi: float = math.inf, *,
+                       lo_open: bool = False, hi_open: bool = False) -> float:
+    """``check_range`` that also refuses NaN and +-inf (an infinite learning rate, eps or
+    weight decay turns every update into inf or NaN) and can exclude either end."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    check_range(name, value, lo, hi)
+    if (lo_open and value == lo) or (hi_open and value == hi):
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}"
+                         f"{')' if hi_open else ']'}, got {value}")
+    return float(value)
+
+
+def check_has_data(name: str, t: Tensor) -> None:
+    """Refuses meta tensors (shape and dtype only, no storage): the ops read values (finite
+    checks, the step count, the kernels' pointers), which a meta tensor does not have."""
+    if t.is_meta:
+        raise ValueError(f"{name} is a meta tensor (no data): move it to a CPU or CUDA "
+                         "device first, e.g. module.to_empty(device=...) and initialise it")
+
 
 __all__ = [
     "choose_side",
@@ -183,13 +209,14 @@ def _gaussian(rows: int, cols: int, seed: int, dtype, device) -> Tensor:
     return torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
-def refresh_projection(matrix: Tensor, rank: int, *, side: str = "auto", method: str = "svd",
+def refresh_projection(matrix: Tensor, rank: int, *, side: str = "auto", method: str = "power",
                        prev: Tensor | None = None, seed: int = 0, niter: int | None = None,
                        oversample: int | None = None) -> Tensor:
     """An orthonormal basis Q (``dim x rank``, dim = p for side "left", q for "right") of the
     top-``rank`` singular subspace of ``matrix`` on that side, in ``matrix``'s dtype.
 
-    * ``"svd"``: exact, ``torch.linalg.svd`` (left: ``U[:, :r]``, right: ``Vh[:r].T``).
+    * ``"svd"``: exact, ``torch.linalg.svd`` (left: ``U[:, :r]``, right: ``Vh[:r].T``); on
+      the CPU single-threaded (see ``_lapack_threads``). 10-100x the cost of the others.
     * ``"random"``: randomised SVD (Halko, Martinsson & Tropp 2011): a Gaussian sketch of
       ``rank + oversample`` columns drawn from ``seed`` (on the CPU, so every device and
       every rank draws the same one; ``oversample`` default ``max(8, rank // 8)``: on a
@@ -198,13 +225,15 @@ def refresh_projection(matrix: Tensor, rank: int, *, side: str = "auto", method:
       iterations (default 2) with QR
       re-orthonormalisation, then Rayleigh-Ritz (eigh of the small ``k x k`` Gram matrix of the projection,
       k = rank + oversample) picks the top ``rank`` directions.
-    * ``"power"``: ``niter`` (default 1) power iterations ``Q <- orth(M M^T Q)`` warm-started
-      from ``prev`` (the previous basis): two thin GEMMs and one thin QR; signs fixed so the
-      columns stay aligned with ``prev``'s. Without ``prev`` it is ``"random"``.
+    * ``"power"`` (the default): ``niter`` (default 1) power iterations ``Q <- orth(M M^T Q)``
+      warm-started from ``prev`` (the previous basis): two thin GEMMs and one thin QR; signs
+      fixed so the columns stay aligned with ``prev``'s. Without ``prev`` it is ``"random"``
+      (so the first refresh of a schedule is randomised, the later ones warm).
 
     Deterministic: the same inputs and seed give the same Q on every rank (given the same
     BLAS thread count). Work is in float32 for bf16/fp16 inputs, else in the input dtype."""
     check_tensor("matrix", matrix, ndim=2, dtypes=FLOAT_DTYPES)
+    check_has_data("matrix", matrix)
     check_choice("method", method, METHODS)
     side = _resolve_side(side, tuple(matrix.shape))
     p, q = matrix.shape
@@ -228,7 +257,11 @@ def refresh_projection(matrix: Tensor, rank: int, *, side: str = "auto", method:
         method = "random"
 
     if method == "svd":
-        U, _, Vh = torch.linalg.svd(matrix.to(work), full_matrices=False)
+        # Under _lapack_threads like the other factorisations: on shared cores LAPACK's SVD
+        # with 2 threads took 9-13x longer than with 1 (1024 x 2816: 19-23 s vs 1.5-2.5 s),
+        # which is why this path measured 0.2-0.7x galore-torch's (single-threaded) SVD.
+        with _lapack_threads(matrix):
+            U, _, Vh = torch.linalg.svd(matrix.to(work), full_matrices=False)
         Q = U[:, :rank] if side == "left" else Vh[:rank].T
         return Q.contiguous().to(matrix.dtype)
 
@@ -461,14 +494,6 @@ def _(param, grad, Q, exp_avg, exp_avg_sq, error, side, step, lr, beta1, beta2, 
     return None
 
 
-def _number(name, value, lo, hi, *, lo_open=False, hi_open=False):
-    check_range(name, value, lo, hi)
-    if (lo_open and value == lo) or (hi_open and value == hi):
-        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}"
-                         f"{')' if hi_open else ']'}, got {value}")
-    return float(value)
-
-
 def _row_contiguous(*ts) -> bool:
     return all(t is None or t.numel() == 0 or t.stride(-1) == 1 for t in ts)
 
@@ -486,14 +511,16 @@ def lowrank_adam_step(param: Tensor, grad: Tensor, Q: Tensor, exp_avg: Tensor,
     module docstring for the maths, the axes of D and the memory traffic. Gradient clipping
     is the caller's (pass the clipped gradient)."""
     check_tensor("param", param, ndim=2, dtypes=FLOAT_DTYPES)
+    check_has_data("param", param)  # the others must be on param's device
     p, q = param.shape
     dev, dt = param.device, param.dtype
     check_tensor("grad", grad, dtypes=(dt,), device=dev, shape=(p, q))
     side = _resolve_side(side, (p, q))
     check_tensor("Q", Q, ndim=2, dtypes=(dt,), device=dev, shape=(_basis_dim((p, q), side), None))
     rank = Q.size(1)
-    if rank < 1:
-        raise ValueError(f"Q must have at least one column (the rank), got shape {tuple(Q.shape)}")
+    if not 1 <= rank <= min(p, q):
+        raise ValueError(f"Q must have between 1 and min(p, q) = {min(p, q)} columns (the rank) "
+                         f"for a parameter of shape {(p, q)}, got shape {tuple(Q.shape)}")
     low = _lowrank_shape((p, q), rank, side)
     check_tensor("exp_avg", exp_avg, dtypes=(dt,), device=dev, shape=low)
     check_tensor("exp_avg_sq", exp_avg_sq, dtypes=(dt,), device=dev, shape=low)
@@ -505,25 +532,22 @@ def lowrank_adam_step(param: Tensor, grad: Tensor, Q: Tensor, exp_avg: Tensor,
     if isinstance(step, Tensor):
         if step.numel() != 1:
             raise ValueError(f"step must be an int or a 1-element tensor, got shape {tuple(step.shape)}")
+        check_has_data("step", step)
         step = int(step.item())
     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
         raise ValueError(f"step must be an int >= 1 (the count including this update), got {step!r}")
-    lr = _number("lr", lr, 0.0, math.inf)
-    beta1 = _number("beta1", beta1, 0.0, 1.0, hi_open=True)
-    beta2 = _number("beta2", beta2, 0.0, 1.0, hi_open=True)
-    eps = _number("eps", eps, 0.0, math.inf)
-    weight_decay = _number("weight_decay", weight_decay, 0.0, math.inf)
-    scale = _number("scale", scale, -math.inf, math.inf)
-    omega = _number("omega", omega, 0.0, 1.0)
-    mu = _number("mu", mu, 0.0, math.inf, lo_open=True)
+    lr = check_finite_range("lr", lr, 0.0)
+    beta1 = check_finite_range("beta1", beta1, 0.0, 1.0, hi_open=True)
+    beta2 = check_finite_range("beta2", beta2, 0.0, 1.0, hi_open=True)
+    eps = check_finite_range("eps", eps, 0.0)
+    weight_decay = check_finite_range("weight_decay", weight_decay, 0.0)
+    scale = check_finite_range("scale", scale)
+    omega = check_finite_range("omega", omega, 0.0, 1.0)
+    mu = check_finite_range("mu", mu, 0.0, lo_open=True)
     if error is None and omega != 0.0:
         raise ValueError(
             f"omega={omega} weights LoRDO's full-rank term, which needs the error-feedback "
             "buffer: pass error=<tensor shaped like param> (or omega=0 for GaLore's step)")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if eps == 0.0 and error is not None and omega < 1.0:
-        pass  # D + 0 may be 0 for an all-zero column: the caller asked for it
     name = DISPATCH.select(backend, dev, dt, row_contiguous=_row_contiguous(param, grad, error))
     if torch.compiler.is_compiling():
         _lowrank_adam_step_op(param, grad, Q, exp_avg, exp_avg_sq, error, side, step, lr, beta1,

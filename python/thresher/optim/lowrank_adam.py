@@ -10,9 +10,16 @@ back-projected::
 in one call of the fused op ``thresher.ops.lowrank.lowrank_adam_step`` (two GEMMs, one pass
 over the low-rank tensors, the parameter update folded into the back-projection GEMM).
 Q is recomputed from the current gradient on the first step and then every
-``update_proj_gap`` steps (``refresh_projection``: ``proj="svd"`` exact, ``"random"``
-randomised SVD, ``"power"`` one power iteration warm-started from the previous Q); the
-moments are kept across a refresh (GaLore's choice). Everything else -- vectors, scalars,
+``update_proj_gap`` steps (``refresh_projection``); the moments are kept across a refresh
+(GaLore's choice). ``proj``:
+
+* ``"power"`` (default): the first refresh is a randomised SVD, every later one a single
+  power iteration warm-started from the previous Q (two thin GEMMs and a thin QR). At
+  2048 x 5632, rank 256 it is ~40-100x faster than an SVD and captures 99.97% of the exact
+  basis's gradient energy; the cold first refresh ~99% (benchmarks/bench_lowrank.py).
+* ``"random"``: a randomised SVD from scratch at every refresh (no memory of the old basis).
+* ``"svd"``: the exact top-r singular vectors (``torch.linalg.svd``, what galore-torch's
+  GaLoreAdamW computes) -- the option when the basis must be exact, at 10-100x the cost. Everything else -- vectors, scalars,
 tensors with more than 2 dimensions and small matrices -- takes plain AdamW steps (torch's
 single-tensor AdamW arithmetic).
 
@@ -46,8 +53,14 @@ import math
 
 import torch
 
-from thresher.ops._validate import check_choice, check_range
-from thresher.ops.lowrank import METHODS, choose_side, lowrank_adam_step, refresh_projection
+from thresher.ops._validate import check_choice
+from thresher.ops.lowrank import (
+    METHODS,
+    check_finite_range,
+    choose_side,
+    lowrank_adam_step,
+    refresh_projection,
+)
 
 __all__ = ["LowRankAdam"]
 
@@ -64,7 +77,7 @@ class LowRankAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: int | None = 128, update_proj_gap: int = 200,
-                 scale: float = 0.25, proj: str = "svd", *, side: str = "auto",
+                 scale: float = 0.25, proj: str = "power", *, side: str = "auto",
                  min_dim: int | None = None, niter: int | None = None,
                  oversample: int | None = None,
                  seed: int = 0, backend: str = "auto"):
@@ -80,17 +93,15 @@ class LowRankAdam(torch.optim.Optimizer):
 
     @staticmethod
     def _check_group(g: dict) -> None:
-        check_range("lr", g["lr"], 0.0, math.inf)
+        check_finite_range("lr", g["lr"], 0.0)
         betas = g["betas"]
-        if not isinstance(betas, tuple) or len(betas) != 2:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for i, b in enumerate(betas):
-            check_range(f"betas[{i}]", b, 0.0, 1.0)
-            if b == 1.0:
-                raise ValueError(f"betas[{i}] must be < 1, got {b}")
-        check_range("eps", g["eps"], 0.0, math.inf)
-        check_range("weight_decay", g["weight_decay"], 0.0, math.inf)
-        check_range("scale", g["scale"], -math.inf, math.inf)
+            check_finite_range(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
+        check_finite_range("eps", g["eps"], 0.0)
+        check_finite_range("weight_decay", g["weight_decay"], 0.0)
+        check_finite_range("scale", g["scale"])
         _check_int("rank", g["rank"], 1, none_ok=True)
         _check_int("update_proj_gap", g["update_proj_gap"], 1)
         _check_int("min_dim", g["min_dim"], 1, none_ok=True)
