@@ -80,9 +80,9 @@ def test_bad_config():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(lr=math.inf), "lr must be finite, got inf"),
-    (dict(eps=math.inf), "eps must be finite"),
-    (dict(weight_decay=math.inf), "weight_decay must be finite"),
+    (dict(lr=math.inf), "lr must be a finite number, got inf"),
+    (dict(eps=math.inf), "eps must be a finite number"),
+    (dict(weight_decay=math.inf), "weight_decay must be a finite number"),
 ])
 @pytest.mark.parametrize("cls", [DDPAdamW, pytest.param(LowRankDDP, marks=needs_lowrank)])
 def test_non_finite_hyper_parameters(cls, kw, match):
@@ -97,7 +97,7 @@ def test_non_finite_hyper_parameters(cls, kw, match):
 
 @needs_lowrank
 def test_lowrank_ddp_non_finite_scale():
-    with pytest.raises(ValueError, match="scale must be finite"):
+    with pytest.raises(ValueError, match="scale must be a finite number"):
         LowRankDDP(W.TinyNet().parameters(), scale=math.inf)
 
 

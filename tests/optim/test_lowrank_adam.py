@@ -226,7 +226,8 @@ def test_closure_and_no_grad_params():
 def test_bad_arguments(kw, exc, msg):
     with pytest.raises(exc, match=msg):
         LowRankAdam(Net().parameters(), **kw)
-    with pytest.raises(exc, match=msg):  # per-group overrides are checked too
+    # per-group overrides are checked too, and named by their group
+    with pytest.raises(exc, match=r"param_groups\[0\]\['"):
         LowRankAdam([{"params": list(Net().parameters()), **kw}])
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from thresher.ops import compress as _cops
 from thresher.ops._validate import check_choice, check_tensor
-from thresher.ops.lowrank import check_has_data
+from thresher.ops._validate import check_has_data
 
 __all__ = ["Packed", "Codec", "TopKCodec", "QuantCodec", "LowRankCodec"]
 

@@ -2,6 +2,7 @@
 expected. Type problems raise TypeError, value/shape/device problems ValueError."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import torch
@@ -81,3 +82,25 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     if t.stride(-1) != 1 or (t.dim() == 2 and t.size(0) > 1 and t.stride(0) < t.size(1)):
         t = t.contiguous()
     return t
+
+
+def check_finite_range(name: str, value, lo: float = -math.inf, hi: float = math.inf, *,
+                       lo_open: bool = False, hi_open: bool = False) -> float:
+    """``check_range`` that also refuses NaN and +-inf (an infinite learning rate, eps or
+    weight decay turns every update into inf or NaN) and can exclude either end. The one
+    check every hyper-parameter of the ops and optimizers goes through."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    check_range(name, value, lo, hi)
+    if (lo_open and value == lo) or (hi_open and value == hi):
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}"
+                         f"{')' if hi_open else ']'}, got {value}")
+    return float(value)
+
+
+def check_has_data(name: str, t: torch.Tensor) -> None:
+    """Refuses meta tensors (shape and dtype only, no storage): the ops read values (finite
+    checks, the step count, the kernels' pointers), which a meta tensor does not have."""
+    if t.is_meta:
+        raise ValueError(f"{name} is a meta tensor (no data): move it to a CPU or CUDA "
+                         "device first, e.g. module.to_empty(device=...) and initialise it")

@@ -63,7 +63,7 @@ from ._dispatch import (
     triton_module,
 )
 from ._validate import check_choice, check_tensor, values_checkable
-from .lowrank import check_has_data
+from ._validate import check_has_data
 
 __all__ = [
     "topk_encode",

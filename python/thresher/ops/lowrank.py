@@ -76,33 +76,7 @@ from ._dispatch import (
     triton_available,
     triton_module,
 )
-from ._validate import check_choice, check_range, check_tensor
-
-# The two checks below are missing from ._validate (which every op shares and another
-# module owns); they live here until they move there. ops.compress and optim.lowrank_adam
-# import them from this module.
-
-
-def check_finite_range(name: str, value, lo: float = -math.inf, hi: float = math.inf, *,
-                       lo_open: bool = False, hi_open: bool = False) -> float:
-    """``check_range`` that also refuses NaN and +-inf (an infinite learning rate, eps or
-    weight decay turns every update into inf or NaN) and can exclude either end."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    check_range(name, value, lo, hi)
-    if (lo_open and value == lo) or (hi_open and value == hi):
-        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}"
-                         f"{')' if hi_open else ']'}, got {value}")
-    return float(value)
-
-
-def check_has_data(name: str, t: Tensor) -> None:
-    """Refuses meta tensors (shape and dtype only, no storage): the ops read values (finite
-    checks, the step count, the kernels' pointers), which a meta tensor does not have."""
-    if t.is_meta:
-        raise ValueError(f"{name} is a meta tensor (no data): move it to a CPU or CUDA "
-                         "device first, e.g. module.to_empty(device=...) and initialise it")
-
+from ._validate import check_choice, check_finite_range, check_has_data, check_range, check_tensor
 
 __all__ = [
     "choose_side",

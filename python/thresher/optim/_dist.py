@@ -41,7 +41,7 @@ from thresher.comm.collectives import (
     broadcast_,
     resolve_group,
 )
-from thresher.ops._validate import check_range
+from thresher.ops._validate import check_finite_range
 
 __all__ = [
     "CollectiveError",
@@ -286,15 +286,8 @@ def check_int(name: str, v, lo: int = 1) -> int:
 
 def check_float(name: str, v, lo: float = -math.inf, hi: float = math.inf,
                 lo_open: bool = False) -> float:
-    """A finite number in [lo, hi] ((lo, hi] with ``lo_open``): ops._validate's check_range
-    (type and bounds; NaN fails it), plus finiteness, which an unbounded range lets through."""
-    check_range(name, v, lo, hi)
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if lo_open and v == lo:
-        raise ValueError(f"{name} must be > {lo}, got {v}")
-    return v
+    """A finite number in [lo, hi] ((lo, hi] with ``lo_open``): ops._validate's one check."""
+    return check_finite_range(name, v, lo, hi, lo_open=lo_open)
 
 
 def check_betas(betas, name: str = "betas") -> tuple[float, float]:

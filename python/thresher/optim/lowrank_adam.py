@@ -53,10 +53,9 @@ import math
 
 import torch
 
-from thresher.ops._validate import check_choice
+from thresher.ops._validate import check_choice, check_finite_range
 from thresher.ops.lowrank import (
     METHODS,
-    check_finite_range,
     choose_side,
     lowrank_adam_step,
     refresh_projection,
@@ -88,28 +87,31 @@ class LowRankAdam(torch.optim.Optimizer):
                         backend=backend)
         self._check_group(defaults)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._check_group(group)
+        for i, group in enumerate(self.param_groups):  # a group's own overrides, named by group
+            self._check_group(group, f"param_groups[{i}]")
 
     @staticmethod
-    def _check_group(g: dict) -> None:
-        check_finite_range("lr", g["lr"], 0.0)
+    def _check_group(g: dict, where: str = "") -> None:
+        def n(key):  # the argument's name, or param_groups[i]['key'] for a group
+            return f"{where}[{key!r}]" if where else key
+
+        check_finite_range(n("lr"), g["lr"], 0.0)
         betas = g["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+            raise ValueError(f"{n('betas')} must be a pair (beta1, beta2), got {betas!r}")
         for i, b in enumerate(betas):
-            check_finite_range(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
-        check_finite_range("eps", g["eps"], 0.0)
-        check_finite_range("weight_decay", g["weight_decay"], 0.0)
-        check_finite_range("scale", g["scale"])
-        _check_int("rank", g["rank"], 1, none_ok=True)
-        _check_int("update_proj_gap", g["update_proj_gap"], 1)
-        _check_int("min_dim", g["min_dim"], 1, none_ok=True)
-        _check_int("niter", g["niter"], 0, none_ok=True)
-        _check_int("oversample", g["oversample"], 0, none_ok=True)
-        _check_int("seed", g["seed"], 0)
-        check_choice("proj", g["proj"], METHODS)
-        check_choice("side", g["side"], ("auto", "left", "right"))
+            check_finite_range(f"{n('betas')}[{i}]", b, 0.0, 1.0, hi_open=True)
+        check_finite_range(n("eps"), g["eps"], 0.0)
+        check_finite_range(n("weight_decay"), g["weight_decay"], 0.0)
+        check_finite_range(n("scale"), g["scale"])
+        _check_int(n("rank"), g["rank"], 1, none_ok=True)
+        _check_int(n("update_proj_gap"), g["update_proj_gap"], 1)
+        _check_int(n("min_dim"), g["min_dim"], 1, none_ok=True)
+        _check_int(n("niter"), g["niter"], 0, none_ok=True)
+        _check_int(n("oversample"), g["oversample"], 0, none_ok=True)
+        _check_int(n("seed"), g["seed"], 0)
+        check_choice(n("proj"), g["proj"], METHODS)
+        check_choice(n("side"), g["side"], ("auto", "left", "right"))
 
     def __setstate__(self, state):
         super().__setstate__(state)
