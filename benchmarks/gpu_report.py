@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 PEERS = {"Liger-Kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy",
          "galore-torch": "galore_torch"}
 # Stage names in the order the script runs them (the report lists every one, run or not).
-STAGES = ("env", "wheels", "build", "tests", "bench_cross_entropy", "bench_compress",
-          "bench_lowrank", "lordo_nccl")
+STAGES = ("wheels", "build", "env", "tests", "lordo_nccl", "bench_cross_entropy",
+          "bench_compress", "bench_lowrank")
 
 
 def _peer_status() -> dict:
@@ -213,11 +213,11 @@ def cmd_render(out: Path) -> int:
 
     md = [f"# thresher GPU check: {env.get('device', '?')}", ""]
     peaks = env.get("peaks") or {}
+    bw, fl = peaks.get("hbm_bytes_per_s"), peaks.get("bf16_flop_per_s")
     md.append(f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton "
-              f"{env.get('triton')}, python {env.get('python')}; peaks used for the fractions: "
-              f"{_fmt((peaks.get('hbm_bytes_per_s') or 0) / 1e12)} TB/s HBM, "
-              f"{_fmt((peaks.get('bf16_flop_per_s') or 0) / 1e12, '.0f')} TFLOP/s bf16 "
-              f"({peaks.get('source', 'n/a')})")
+              f"{env.get('triton')}, python {env.get('python')}; peaks for the fractions: "
+              + (f"{bw / 1e12:.2f} TB/s HBM, {fl / 1e12:.0f} TFLOP/s dense bf16 "
+                 f"({peaks.get('source')})" if bw and fl else f"none ({peaks.get('source')})"))
     md += ["", "## Stages", ""]
     md += _table(report["stages"], [("stage", "stage", ""), ("status", "status", ""),
                                     ("seconds", "s", ".0f"), ("cap_s", "cap s", ".0f"),
