@@ -205,7 +205,12 @@ def cmd_render(out: Path) -> int:
     comp = [r for r in _bench_rows(out, "bench_compress") if r.get("section") == "throughput"]
     lowrank = _bench_rows(out, "bench_lowrank")
     smoke = _read_json(out / "lordo_smoke.json")
-    report = {"stages": [stages.get(s, {"stage": s, "status": "not run"}) for s in STAGES],
+    rows = [stages.get(s, {"stage": s, "status": "not run"}) for s in STAGES]
+    for r in rows:  # the reason a stage failed travels in the report (its log may not)
+        log = out / f"{r['stage']}.log"
+        if not r["status"].startswith(("ok", "skipped", "not run")) and log.exists():
+            r["log_tail"] = log.read_text(errors="replace").splitlines()[-30:]
+    report = {"stages": rows,
               "env": env, "tests": tests, "bench_cross_entropy": ce, "bench_compress": comp,
               "bench_lowrank": lowrank, "lordo_smoke": smoke,
               "rendered_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
@@ -222,6 +227,10 @@ def cmd_render(out: Path) -> int:
     md += _table(report["stages"], [("stage", "stage", ""), ("status", "status", ""),
                                     ("seconds", "s", ".0f"), ("cap_s", "cap s", ".0f"),
                                     ("note", "note", "")])
+    for r in rows:
+        if r.get("log_tail"):
+            md += ["", f"{r['stage']} ({r['status']}), end of its log:", "", "```"]
+            md += r["log_tail"] + ["```"]
     peers = env.get("peers") or {}
     if peers:
         md += ["", "Peers: " + "; ".join(
