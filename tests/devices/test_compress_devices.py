@@ -46,21 +46,23 @@ def topk_run(x, e0, k, chunk, bits, backend, device):
     return p, (torch.zeros(0) if e is None else e), d, cnt
 
 
+def same_as_cpu_reference(backend_case, run, x, e, *settings):
+    """``run(x, e, *settings, backend, device)`` on the case's device and backend gives the
+    CPU reference's payload, error buffer and decoded values, bit for bit."""
+    dev, be, _ = backend_case
+    assert_same(be, run(x, e, *settings, "reference", "cpu"), run(x, e, *settings, be, dev))
+
+
 @pytest.mark.parametrize("n,k,chunk,bits", TOPK)
 @pytest.mark.parametrize("error", [True, False])
 def test_topk_encode_decode(backend_case, n, k, chunk, bits, error):
-    dev, be, dt = backend_case
-    x, e = inputs(n, dt, n + k)
-    e = e if error else None
-    assert_same(be, topk_run(x, e, k, chunk, bits, "reference", "cpu"),
-                topk_run(x, e, k, chunk, bits, be, dev))
+    x, e = inputs(n, backend_case.dtype, n + k)
+    same_as_cpu_reference(backend_case, topk_run, x, e if error else None, k, chunk, bits)
 
 
 def test_topk_ties_go_to_the_lowest_index(backend_case):
-    dev, be, dt = backend_case
-    x, e = inputs(2048 + 5, dt, 3, ties=True)
-    assert_same(be, topk_run(x, e * 0, 50, 1024, 2, "reference", "cpu"),
-                topk_run(x, e * 0, 50, 1024, 2, be, dev))
+    x, e = inputs(2048 + 5, backend_case.dtype, 3, ties=True)
+    same_as_cpu_reference(backend_case, topk_run, x, e * 0, 50, 1024, 2)
 
 
 def quant_run(x, e0, bits, block, scaling, backend, device):
@@ -75,11 +77,8 @@ def quant_run(x, e0, bits, block, scaling, backend, device):
 @pytest.mark.parametrize("n,bits,block,scaling", QUANT)
 @pytest.mark.parametrize("error", [True, False])
 def test_quantise_dequantise(backend_case, n, bits, block, scaling, error):
-    dev, be, dt = backend_case
-    x, e = inputs(n, dt, n + bits)
-    e = e if error else None
-    assert_same(be, quant_run(x, e, bits, block, scaling, "reference", "cpu"),
-                quant_run(x, e, bits, block, scaling, be, dev))
+    x, e = inputs(n, backend_case.dtype, n + bits)
+    same_as_cpu_reference(backend_case, quant_run, x, e if error else None, bits, block, scaling)
 
 
 def test_non_finite_input_raises(backend_case):
