@@ -30,7 +30,7 @@ PEERS = {"Liger-Kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy
          "galore-torch": "galore_torch"}
 # Stage names in the order the script runs them (the report lists every one, run or not).
 STAGES = ("wheels", "build", "env", "tests", "lordo_nccl", "bench_cross_entropy",
-          "bench_compress", "bench_lowrank")
+          "bench_linear_cross_entropy", "bench_compress", "bench_lowrank")
 
 
 def _peer_status() -> dict:
@@ -164,7 +164,7 @@ def _tests(out: Path) -> dict | None:
 
 def _bench_rows(out: Path, sub: str) -> list[dict]:
     rows = []
-    for p in sorted((out / sub).glob("*.json")) if (out / sub).is_dir() else []:
+    for p in sorted((out / sub).rglob("*.json")) if (out / sub).is_dir() else []:
         d = _read_json(p)
         if isinstance(d, dict):
             rows.extend(r for r in d.get("rows", []) if isinstance(r, dict))

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 FETCH = ROOT / "benchmarks" / "fetch_gpu_wheels.sh"
 STAGES = ["wheels", "build", "env", "tests", "lordo_nccl", "bench_cross_entropy",
-          "bench_compress", "bench_lowrank"]
-MUST_PASS = ["build", "env", "tests", "lordo_nccl", "bench_cross_entropy", "bench_compress"]
+          "bench_linear_cross_entropy", "bench_compress", "bench_lowrank"]
+MUST_PASS = ["build", "env", "tests", "lordo_nccl", "bench_cross_entropy",
+             "bench_linear_cross_entropy", "bench_compress"]
 
 
 def run(script, *args, timeout=300, site=None):
