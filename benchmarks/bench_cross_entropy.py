@@ -211,15 +211,24 @@ def build(op: str, impl: str, x: dict):
         grads = [logits]
         if impl == "thresher":
             return (lambda: thresher.weighted_cross_entropy(logits, target, sample_weight=w)), grads
-        if impl == "thresher overwrite_logits":
-            # Its own copy of the logits (the group's other implementations share theirs).
-            # Each call overwrites it with the gradient: later calls see other values but do
-            # the same work; restore() puts the logits back before the loss cross-check.
+        if impl in ("thresher overwrite_logits", "liger-kernel"):
+            # Both write the gradient over their input (Liger-Kernel always does), so each
+            # gets its own copy of the logits (the group's other implementations share
+            # theirs). Later calls see other values but do the same work; restore() puts
+            # the logits back before the loss cross-check.
             own = logits.detach().clone().requires_grad_(logits.requires_grad)
+            if impl == "liger-kernel":
+                why = unavailable("ce", impl, logits.device)
+                if why:
+                    raise NotAvailable(why)
+                liger = _liger()[0](reduction="mean")
 
-            def loss_fn():
-                return thresher.weighted_cross_entropy(own, target, sample_weight=w,
-                                                       overwrite_logits=True)
+                def loss_fn():
+                    return liger(own, target)
+            else:
+                def loss_fn():
+                    return thresher.weighted_cross_entropy(own, target, sample_weight=w,
+                                                           overwrite_logits=True)
 
             loss_fn.restore = lambda: own.detach().copy_(logits.detach())
             return loss_fn, [own]
@@ -230,12 +239,6 @@ def build(op: str, impl: str, x: dict):
             return (lambda: fn(logits, target, w)), grads
         if impl == "cut-cross-entropy":
             raise NotAvailable(unavailable("ce", impl, logits.device))
-        if impl == "liger-kernel":
-            why = unavailable("ce", impl, logits.device)
-            if why:
-                raise NotAvailable(why)
-            fn = _liger()[0](reduction="mean")
-            return (lambda: fn(logits, target)), grads
         raise ValueError(impl)
     hidden, lm_weight, target, w = x["hidden"], x["lm_weight"], x["target"], x["w"]
     grads = [hidden, lm_weight]

@@ -94,3 +94,27 @@ def test_fetch_wheels_bad_arguments(args, msg):
 def test_wheel_folder_is_ignored_by_git():
     proc = subprocess.run(["git", "check-ignore", "-q", ".whl/x.whl"], cwd=ROOT)
     assert proc.returncode == 0
+
+
+def test_report_carries_failures_and_test_counts(tmp_path):
+    """render on what a failed run leaves: the failing stage's log tail and the failed test
+    cases reach gpu_report.md/.json (only those files come back from a device call)."""
+    (tmp_path / "stages.jsonl").write_text(
+        '{"stage": "build", "status": "failed (exit 1)", "rc": 1, "seconds": 3, "cap_s": 240, '
+        '"note": ""}\n{"stage": "tests", "status": "ok", "rc": 0, "seconds": 9, "cap_s": 150, '
+        '"note": ""}\n')
+    (tmp_path / "build.log").write_text("compiling\nnvcc fatal: unsupported gpu architecture\n")
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="t" name="a"/><testcase classname="t" name="b"><failure/></testcase>'
+        '<testcase classname="t" name="c"><skipped/></testcase></testsuite></testsuites>')
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "render",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads((tmp_path / "gpu_report.json").read_text())
+    build = rep["stages"][STAGES.index("build")]
+    assert build["log_tail"][-1] == "nvcc fatal: unsupported gpu architecture"
+    assert rep["stages"][STAGES.index("env")]["status"] == "not run"
+    assert rep["tests"]["passed"] == 1 and rep["tests"]["failed_cases"] == ["t::b"]
+    md = (tmp_path / "gpu_report.md").read_text()
+    assert "nvcc fatal: unsupported gpu architecture" in md and "FAILED t::b" in md
