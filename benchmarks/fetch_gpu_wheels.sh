@@ -6,12 +6,15 @@
 #
 #   benchmarks/fetch_gpu_wheels.sh [--dest DIR] [--python-version 3.12] [--dry-run]
 #
+# --dest defaults to .whl/ at the repository root (where gpu_check.sh and the device call's
+# carry look); --python-version is the GPU machine's (3.12 there, docs/gpu.md).
+#
 # Not fetched: bitsandbytes (galore-torch imports it; its wheel alone is larger than what a
 # device call may carry), and anything the image already has (torch, triton, transformers,
 # pybind11, ninja): see docs/gpu.md.
 set -eu
 
-DEST=.whl
+DEST="$(cd "$(dirname "$0")/.." && pwd)/.whl"  # the repository root's, whatever the cwd
 PYVER=3.12
 DRY=0
 usage() { echo "usage: $0 [--dest DIR] [--python-version X.Y] [--dry-run]" >&2; exit 2; }

@@ -106,7 +106,7 @@ if [ "$DEVICE" = cuda ]; then
   XDIST=()
   "$PY" -c "import xdist" 2> /dev/null && XDIST=(-n "${THRESHER_TEST_WORKERS:-8}")
   stage tests 150 "tests/devices, cuda cases${XDIST[*]:+, pytest ${XDIST[*]}}" \
-    env THRESHER_TEST_DEVICES=cuda "$PY" -m pytest -q -p no:cacheprovider --maxfail=30 \
+    env THRESHER_TEST_DEVICES=cuda COLUMNS=250 "$PY" -m pytest -q -p no:cacheprovider --maxfail=30 \
     "${XDIST[@]}" --junitxml="$OUT/tests.xml" tests/devices
 else
   stage tests 60 "dry run: a float32 slice of tests/devices on cpu" \

@@ -156,8 +156,11 @@ def _tests(out: Path) -> dict | None:
     tot["passed"] = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
     failed = []
     for tc in root.iter("testcase"):
-        if tc.find("failure") is not None or tc.find("error") is not None:
-            failed.append(f"{tc.get('classname')}::{tc.get('name')}")
+        bad = tc.find("failure") if tc.find("failure") is not None else tc.find("error")
+        if bad is not None:
+            why = (bad.get("message") or "").strip().splitlines()
+            failed.append(f"{tc.get('classname')}::{tc.get('name')}"
+                          + (f": {why[0][:200]}" if why else ""))
     tot["failed_cases"] = failed[:40]
     return tot
 

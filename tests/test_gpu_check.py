@@ -106,7 +106,7 @@ def test_report_carries_failures_and_test_counts(tmp_path):
     (tmp_path / "build.log").write_text("compiling\nnvcc fatal: unsupported gpu architecture\n")
     (tmp_path / "tests.xml").write_text(
         '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
-        '<testcase classname="t" name="a"/><testcase classname="t" name="b"><failure/></testcase>'
+        '<testcase classname="t" name="a"/><testcase classname="t" name="b"><failure message="AssertionError: off by 2"/></testcase>'
         '<testcase classname="t" name="c"><skipped/></testcase></testsuite></testsuites>')
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "render",
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
@@ -115,6 +115,6 @@ def test_report_carries_failures_and_test_counts(tmp_path):
     build = rep["stages"][STAGES.index("build")]
     assert build["log_tail"][-1] == "nvcc fatal: unsupported gpu architecture"
     assert rep["stages"][STAGES.index("env")]["status"] == "not run"
-    assert rep["tests"]["passed"] == 1 and rep["tests"]["failed_cases"] == ["t::b"]
+    assert rep["tests"]["passed"] == 1 and rep["tests"]["failed_cases"] == ["t::b: AssertionError: off by 2"]
     md = (tmp_path / "gpu_report.md").read_text()
-    assert "nvcc fatal: unsupported gpu architecture" in md and "FAILED t::b" in md
+    assert "nvcc fatal: unsupported gpu architecture" in md and "FAILED t::b: AssertionError: off by 2" in md
