@@ -15,6 +15,8 @@ Three tables:
      _orthogonalize(P); Q = M^T P; e = M - P Q^T``) run on a single process -- the hook
      itself needs a GradBucket from DDP, so its arithmetic is called directly, with its own
      ``_orthogonalize`` -- on the same data viewed as a square matrix, rank 4;
+   * the PowerSGD hook itself: ``powerSGD_hook`` registered on DDP over a one-process group
+     (NCCL on CUDA, gloo on the CPU), timed as DDP backward with the hook minus without;
    plus the blockwise 8-bit quantiser (cpu vs reference) and the decoders.
 2. **Relative error vs bytes sent** for each codec setting: one-shot ``||D(E(x)) - x|| /
    ||x||`` and, with error feedback over 10 steps of fresh Gaussian x, the error of the
@@ -24,6 +26,7 @@ Three tables:
 
     python benchmarks/bench_compress.py            # 64M elements (the target's size)
     python benchmarks/bench_compress.py --quick    # 2M elements, < 60 s
+    python benchmarks/bench_compress.py --device cuda --no-error-table   # GPU backends
 
 Writes ``<out>/bench_compress.{csv,json}``.
 """
@@ -105,13 +108,79 @@ def powersgd_compress(x, e, q):
     return p, q
 
 
+class _Weighted(torch.nn.Module):
+    """One (side, cols) parameter W; forward(x) = sum(W * x), so W's gradient is x. DDP's
+    reducer (and so the comm hook) runs only for a forward taken through the DDP wrapper."""
+
+    def __init__(self, side, cols, device):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(side, cols, device=device))
+
+    def forward(self, x):
+        return (self.weight * x).sum()
+
+
+def powersgd_hook_times(n, repeats, device, rank=4):
+    """The real ``powerSGD_hook`` (beside its maths above): DDP on a one-process group (NCCL on
+    CUDA, gloo on the CPU) with one (side, n / side) parameter whose gradient is x, timed over
+    ``backward()`` with the hook registered and with DDP's default all-reduce; the difference
+    is what the hook's compression (and its error feedback) costs. Returns
+    ``{"hook_ms", "plain_ddp_ms", "p20", "p80", "n"}`` of the hook run and the baseline."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+    from thresher.optim._dist import free_port
+
+    device = torch.device(device)
+    side, cols, _ = powersgd_state(n, rank)
+    x = torch.randn(side, cols, generator=torch.Generator().manual_seed(0)).to(device)
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                world_size=1, timeout=datetime.timedelta(seconds=60),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    try:
+        times = {}
+        for hook in (False, True):
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                _Weighted(side, cols, device), bucket_cap_mb=max(25, 8 * n // 2**20))
+            if hook:
+                # start_powerSGD_iter=2: the first backward is the all-reduce warm-up the hook
+                # requires with error feedback; min_compression_rate 0 compresses any shape
+                state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
+                                           start_powerSGD_iter=2, min_compression_rate=0.0)
+                ddp.register_comm_hook(state, psgd.powerSGD_hook)
+
+            def step(ddp=ddp):
+                ddp(x).backward()
+                ddp.module.weight.grad = None
+
+            times[hook] = C.time_callable(step, warmup=3, repeats=repeats, device=device)
+            if hook:  # compressed: the rank-4 gradient (with error feedback) is not x
+                ddp(x).backward()
+                diff = float((ddp.module.weight.grad - x).norm() / x.norm())
+                if not diff > 0.1:
+                    raise RuntimeError(f"powerSGD_hook did not compress (|grad - x|/|x| = {diff})")
+    finally:
+        if own:
+            dist.destroy_process_group()
+    t = times[True]
+    return {"hook_ms": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms, "n": t.n,
+            "plain_ddp_ms": times[False].median_ms, "bytes": 4 * rank * (side + cols)}
+
+
 # ----------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------
 
 
-# prefixes: the fused top-k of every native backend on the device, and the plain composition
-TARGET_IMPLS = ("topk thresher", "topk plain PyTorch")
+def is_target(impl: str) -> bool:
+    """--target-only: the fused top-k of every native backend on the device, and the plain
+    composition it is measured against."""
+    return impl.endswith("(fused)") or impl == "topk plain PyTorch"
 
 
 def fused_backends(device) -> list[str]:
@@ -146,7 +215,7 @@ def throughput(n, repeats, copy_gbps, only=None, device="cpu", peak_bw=None, mem
     calls.update({f"quant8 thresher {b}": (lambda b=b: ops.quantize_blockwise(
         x, err("q8" + b), bits=8, block=256, backend=b)) for b in native + ["reference"]})
     if only:
-        calls = {k: v for k, v in calls.items() if any(k.startswith(o) for o in only)}
+        calls = {k: v for k, v in calls.items() if only(k)}
     for fn in calls.values():  # warm-up (first touch of the error buffers, first-call costs)
         fn()
     enc = C.time_interleaved(calls, repeats=repeats, min_sample_s=0.0, device=device)
@@ -198,6 +267,19 @@ def throughput(n, repeats, copy_gbps, only=None, device="cpu", peak_bw=None, mem
             if name.endswith("(fused)") and peak_bw else None,
             "peak_mib": C.mib(peaks.get(name)), "device": str(device),
             "repeats": te.n,
+        })
+    if only is None:
+        h = powersgd_hook_times(n, repeats, device)
+        rows.append({
+            "section": "throughput", "impl": "PowerSGD hook rank 4 (DDP backward - plain DDP)",
+            "numel": n, "payload_bytes": h["bytes"], "device": str(device),
+            "encode_ms": h["hook_ms"] - h["plain_ddp_ms"], "hook_backward_ms": h["hook_ms"],
+            "encode_p20_ms": h["p20"] - h["plain_ddp_ms"], "encode_p80_ms": h["p80"] - h["plain_ddp_ms"],
+            "plain_ddp_backward_ms": h["plain_ddp_ms"],
+            "encode_vs_plain": base_enc / max(h["hook_ms"] - h["plain_ddp_ms"], 1e-9),
+            "repeats": h["n"],
+            "note": "the hook's whole compression + decompression (one process: its all-reduces "
+                    "are local), measured as DDP backward with the hook minus without",
         })
     return rows
 
@@ -283,7 +365,7 @@ def main(argv=None):
     t0 = time.time()
     copy = C.measure_copy_bandwidth(min(256 * C.MiB, 4 * n), repeats=3, device=device)
     peaks = C.device_peaks(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    rows = throughput(n, repeats, copy["copy_gbps"], TARGET_IMPLS if args.target_only else None,
+    rows = throughput(n, repeats, copy["copy_gbps"], is_target if args.target_only else None,
                       device=device, peak_bw=peaks["hbm_bytes_per_s"],
                       memory=not args.no_memory)
     erows = [] if args.target_only or args.no_error_table else \

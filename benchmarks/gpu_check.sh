@@ -139,7 +139,7 @@ stage bench_linear_cross_entropy 120 \
   "fused linear CE vs eager, torch.compile, Liger-Kernel, cut-cross-entropy, F.linear_cross_entropy" \
   "$PY" benchmarks/bench_cross_entropy.py --device "$DEVICE" --no-gpu-section --no-headline \
   --only linear "${CE_ARGS[@]}" --out "$OUT/bench_cross_entropy/linear"
-stage bench_compress 60 "vs plain PyTorch and PowerSGD's core maths" \
+stage bench_compress 60 "vs plain PyTorch, PowerSGD's maths and powerSGD_hook" \
   "$PY" benchmarks/bench_compress.py --device "$DEVICE" "${COMP_ARGS[@]}" \
   --out "$OUT/bench_compress"
 if [ ! -f benchmarks/bench_lowrank.py ]; then
