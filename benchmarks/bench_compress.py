@@ -192,8 +192,9 @@ def fused_backends(device) -> list[str]:
 
 def throughput(n, repeats, copy_gbps, only=None, device="cpu", peak_bw=None, memory=False):
     """Encode / decode timings on ``device``: every native backend there ("topk thresher
-    <backend> (fused)", "quant8 thresher <backend>"), the reference, plain PyTorch and
-    PowerSGD's core maths. ``memory``: also each encode's peak extra memory (one call)."""
+    <backend> (fused)", "quant8 thresher <backend>"), the reference, plain PyTorch,
+    PowerSGD's core maths and (without ``only``, a predicate on the names) powerSGD_hook.
+    ``memory``: also each encode's peak extra memory (one call)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, generator=g).to(device)
     native = fused_backends(device)

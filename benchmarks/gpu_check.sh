@@ -97,7 +97,7 @@ else
 fi
 
 # 3. env (after the build: it records native_status())
-stage env 30 "device $DEVICE" "$PY" "$ROOT/benchmarks/gpu_report.py" env "$OUT"
+stage env 45 "device $DEVICE" "$PY" "$ROOT/benchmarks/gpu_report.py" env "$OUT"
 
 # 4. tests: the device suite's CUDA cases (they must run: THRESHER_TEST_DEVICES makes a
 # missing device or backend fail instead of skipping)

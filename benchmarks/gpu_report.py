@@ -65,6 +65,14 @@ def cmd_env(out: Path) -> int:
     else:
         info["device"] = "cpu"
     info["peaks"] = C.device_peaks(info["device"])
+    try:  # driver and clocks, as the driver reports them
+        import subprocess
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                              "clocks.max.sm,clocks.max.mem", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=15)
+        info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()[:200]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        info["nvidia_smi"] = f"n/a: {type(exc).__name__}"
     info["peers"] = _peer_status()
     try:
         from thresher.ops import native_status
