@@ -9,14 +9,21 @@ CPU) or bigger than ``--mem-limit-gb`` are listed as skipped, with the reason.
 
 * ``weighted_ce``: ``thresher.weighted_cross_entropy(logits, target, sample_weight=w)``
   against eager PyTorch ``(F.cross_entropy(logits, target, reduction="none") * w).sum() /
-  w.sum()``, ``torch.compile`` of that same function, and cut-cross-entropy (which has no
-  logits-input entry point; reported as n/a with the reason).
+  w.sum()``, ``torch.compile`` of that same function, Liger-Kernel's ``LigerCrossEntropyLoss``
+  (Triton, CUDA only; unweighted) and cut-cross-entropy (which has no logits-input entry
+  point; reported as n/a with the reason).
 * ``linear_weighted_ce`` (H = 512): ``thresher.linear_weighted_cross_entropy`` against eager
   (materialised ``hidden @ W.T`` then the eager weighted CE), ``torch.compile`` of it, and --
   unweighted, since they take no per-sample weight -- PyTorch's ``F.linear_cross_entropy``
   (default reference path and its chunked ``LinearCrossEntropyOptions`` path) and
   cut-cross-entropy (Triton ``cce``; its CPU-capable ``torch_compile`` path at the base
-  shape); thresher without weights joins them in the headline.
+  shape) and Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA only); thresher
+  without weights joins them in the headline.
+
+On CUDA (``--device cuda``) rows also give the fraction of the device's datasheet peak
+(``_common.device_peaks``): HBM bandwidth for weighted_ce (byte model below), dense bf16
+FLOP/s for the linear op. benchmarks/gpu_check.sh runs it as ``--device cuda --only ce|linear
+--dtype bf16 --n 8192 --v 32000 128256 --modes fwd+bwd --memory inprocess --no-headline``.
 
 Headline (``--headline`` runs only this; the full run ends with it): (a) weighted CE fp32
 N=4096 V=32000 with sample weights, fwd+bwd: speedup vs eager (target >= 3x) and vs
