@@ -106,3 +106,20 @@ def test_linear_weighted_ce(backend_case, reduction, bias):
     for name, a, tr, e in zip(("hidden", "lm_weight", "bias"), g_out, g_truth, g_eager):
         assert a.dtype == dt and a.device == dev
         assert_close_to_truth(f"{be} d{name}", a, tr, e, dt)
+
+
+def test_2d_logits_int32_target_sum(backend_case):
+    """(N, V) logits with int32 targets, reduction "sum", no weights."""
+    dev, be, dt = backend_case
+    x, t, _, _, (xd, td, _, _) = make(1, 37, 333, dt, dev, seed=4)
+    x2, xd2, t2, td2 = x[0], xd[0], t[0], td[0].to(torch.int32)
+    out, (gx,) = grads(lambda xx: thresher.weighted_cross_entropy(xx, td2, reduction="sum",
+                                                                  backend=be),
+                       [xd2], random_upstream(()))
+    u = random_upstream(())
+    truth, (g64,) = grads(lambda xx: weighted_ce(xx[None], t2[None], reduction="sum"),
+                          [x2.double()], u)
+    eager, (ge,) = grads(lambda xx: weighted_ce(xx[None], td2[None].long(), reduction="sum"),
+                         [xd2], u)
+    assert_close_to_truth(f"{be} loss", out, truth, eager, dt)
+    assert_close_to_truth(f"{be} grad", gx, g64, ge, dt)
