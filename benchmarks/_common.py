@@ -47,6 +47,28 @@ GiB = 2**30
 H100_HBM_BYTES_PER_S = 3.35e12
 H100_BF16_DENSE_FLOP_PER_S = 990e12
 
+# Datasheet peaks by device name (first match wins): HBM bytes/s and dense bf16 FLOP/s. The
+# GPU benchmarks report achieved bandwidth / FLOP/s as a fraction of these. "H100 PCIe" and
+# "H100 NVL" come before the plain "H100" (SXM) they contain.
+DEVICE_PEAKS = (
+    ("H200", 4.8e12, 990e12),
+    ("H100 PCIe", 2.0e12, 756e12),
+    ("H100 NVL", 3.9e12, 835e12),
+    ("H100", H100_HBM_BYTES_PER_S, H100_BF16_DENSE_FLOP_PER_S),
+    ("A100", 2.039e12, 312e12),
+)
+
+
+def device_peaks(name: str | None) -> dict:
+    """``{"hbm_bytes_per_s", "bf16_flop_per_s", "source"}`` for a device name as
+    ``torch.cuda.get_device_name`` gives it; None values for an unknown device or the CPU."""
+    for key, bw, fl in DEVICE_PEAKS:
+        if name and key.lower() in name.lower():
+            return {"hbm_bytes_per_s": bw, "bf16_flop_per_s": fl, "source": f"{key} datasheet"}
+    return {"hbm_bytes_per_s": None, "bf16_flop_per_s": None,
+            "source": f"no datasheet peak for {name!r}"}
+
+
 RESULT_MARKER = "@@THRESHER_BENCH_RESULT@@"
 CHILD_FLAG = "--child"
 # Environment of child processes: a fixed mmap threshold (which also turns off glibc's

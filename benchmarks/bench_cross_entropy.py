@@ -9,14 +9,21 @@ CPU) or bigger than ``--mem-limit-gb`` are listed as skipped, with the reason.
 
 * ``weighted_ce``: ``thresher.weighted_cross_entropy(logits, target, sample_weight=w)``
   against eager PyTorch ``(F.cross_entropy(logits, target, reduction="none") * w).sum() /
-  w.sum()``, ``torch.compile`` of that same function, and cut-cross-entropy (which has no
-  logits-input entry point; reported as n/a with the reason).
+  w.sum()``, ``torch.compile`` of that same function, Liger-Kernel's ``LigerCrossEntropyLoss``
+  (Triton, CUDA only; unweighted) and cut-cross-entropy (which has no logits-input entry
+  point; reported as n/a with the reason).
 * ``linear_weighted_ce`` (H = 512): ``thresher.linear_weighted_cross_entropy`` against eager
   (materialised ``hidden @ W.T`` then the eager weighted CE), ``torch.compile`` of it, and --
   unweighted, since they take no per-sample weight -- PyTorch's ``F.linear_cross_entropy``
   (default reference path and its chunked ``LinearCrossEntropyOptions`` path) and
   cut-cross-entropy (Triton ``cce``; its CPU-capable ``torch_compile`` path at the base
-  shape); thresher without weights joins them in the headline.
+  shape) and Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA only); thresher
+  without weights joins them in the headline.
+
+On CUDA (``--device cuda``) rows also give the fraction of the device's datasheet peak
+(``_common.device_peaks``): HBM bandwidth for weighted_ce (byte model below), dense bf16
+FLOP/s for the linear op. benchmarks/gpu_check.sh runs it as ``--device cuda --only ce|linear
+--dtype bf16 --n 8192 --v 32000 128256 --modes fwd+bwd --memory inprocess --no-headline``.
 
 Headline (``--headline`` runs only this; the full run ends with it): (a) weighted CE fp32
 N=4096 V=32000 with sample weights, fwd+bwd: speedup vs eager (target >= 3x) and vs
@@ -71,12 +78,14 @@ V_AXIS = (32000, 50257, 128256)
 # "thresher overwrite_logits": the same op writing the gradient over the logits (no fresh
 # (N, V) gradient buffer, so none of its first-touch page faults); fwd+bwd only.
 CE_IMPLS = ("thresher", "thresher overwrite_logits", "eager", "torch.compile",
-            "cut-cross-entropy")
+            "cut-cross-entropy", "liger-kernel")
 # ("thresher unweighted" runs in the headline only: in the sweep it would repeat "thresher")
 LINEAR_IMPLS = ("thresher", "eager", "torch.compile", "F.linear_cross_entropy",
-                "F.linear_cross_entropy chunked", "cce torch_compile", "cut-cross-entropy")
+                "F.linear_cross_entropy chunked", "cce torch_compile", "cut-cross-entropy",
+                "liger-kernel")
+# Liger-Kernel's losses take a per-class weight, not a per-sample one: unweighted here.
 UNWEIGHTED = {"thresher unweighted", "F.linear_cross_entropy", "F.linear_cross_entropy chunked",
-              "cce torch_compile", "cut-cross-entropy"}
+              "cce torch_compile", "cut-cross-entropy", "liger-kernel"}
 COMPILED = {"torch.compile", "cce torch_compile"}
 # Run at the base shape only: cut-cross-entropy's CPU path is a torch.compile of the
 # materialised logits, like the "torch.compile" row, and compiling costs a lot of the sweep.
@@ -129,6 +138,17 @@ def _cce_module():
 _CCE_TRITON_REASON: dict[str, str | None] = {}
 
 
+def _liger():
+    """Liger-Kernel's loss modules (Triton kernels: CUDA only)."""
+    try:
+        from liger_kernel.transformers import (LigerCrossEntropyLoss,
+                                               LigerFusedLinearCrossEntropyLoss)
+    except Exception as exc:  # noqa: BLE001
+        raise NotAvailable("Liger-Kernel is not installed (pip install --no-deps "
+                           f"liger-kernel): {type(exc).__name__}: {exc}"[:300]) from None
+    return LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+
+
 def cce_triton_reason(device: torch.device) -> str | None:
     """None when cut-cross-entropy's Triton ``cce`` implementation runs on ``device``."""
     key = device.type
@@ -159,6 +179,10 @@ def unavailable(op: str, impl: str, device: torch.device) -> str | None:
                     "linear_weighted_ce rows")
         if impl == "cut-cross-entropy":
             return cce_triton_reason(device)
+        if impl == "liger-kernel":
+            _liger()
+            if device.type != "cuda":
+                return f"Liger-Kernel's Triton kernels run on CUDA tensors, not {device.type}"
         if impl == "cce torch_compile":
             _cce_module()
         if impl.startswith("F.linear_cross_entropy") and not hasattr(F, "linear_cross_entropy"):
@@ -194,15 +218,24 @@ def build(op: str, impl: str, x: dict):
         grads = [logits]
         if impl == "thresher":
             return (lambda: thresher.weighted_cross_entropy(logits, target, sample_weight=w)), grads
-        if impl == "thresher overwrite_logits":
-            # Its own copy of the logits (the group's other implementations share theirs).
-            # Each call overwrites it with the gradient: later calls see other values but do
-            # the same work; restore() puts the logits back before the loss cross-check.
+        if impl in ("thresher overwrite_logits", "liger-kernel"):
+            # Both write the gradient over their input (Liger-Kernel always does), so each
+            # gets its own copy of the logits (the group's other implementations share
+            # theirs). Later calls see other values but do the same work; restore() puts
+            # the logits back before the loss cross-check.
             own = logits.detach().clone().requires_grad_(logits.requires_grad)
+            if impl == "liger-kernel":
+                why = unavailable("ce", impl, logits.device)
+                if why:
+                    raise NotAvailable(why)
+                liger = _liger()[0](reduction="mean")
 
-            def loss_fn():
-                return thresher.weighted_cross_entropy(own, target, sample_weight=w,
-                                                       overwrite_logits=True)
+                def loss_fn():
+                    return liger(own, target)
+            else:
+                def loss_fn():
+                    return thresher.weighted_cross_entropy(own, target, sample_weight=w,
+                                                           overwrite_logits=True)
 
             loss_fn.restore = lambda: own.detach().copy_(logits.detach())
             return loss_fn, [own]
@@ -245,6 +278,13 @@ def build(op: str, impl: str, x: dict):
             raise NotAvailable(reason)
         cce = _cce_module()
         return (lambda: cce.linear_cross_entropy(hidden, lm_weight, target, impl="cce")), grads
+    if impl == "liger-kernel":
+        why = unavailable("linear", impl, hidden.device)
+        if why:
+            raise NotAvailable(why)
+        fn = _liger()[1](reduction="mean")
+        # by keyword: its forward takes (lin_weight, _input, target), weight first
+        return (lambda: fn(lin_weight=lm_weight, _input=hidden, target=target)), grads
     raise ValueError(impl)
 
 
@@ -497,9 +537,11 @@ def plan_cases(args, machine, device) -> list[dict]:
     cases = []
     ops = ["ce", "linear"] if args.only is None else [args.only]
     for op in ops:
-        impls = CE_IMPLS if op == "ce" else args.linear_impls
+        impls = args.ce_impls if op == "ce" else args.linear_impls
         shapes = sweep_shapes(args.n, args.v, args.base_n, args.base_v)
         modes = args.modes_ce if op == "ce" else args.modes_linear
+        if args.modes:
+            modes = [m for m in modes if m in args.modes]
         for i, dtype_name in enumerate(args.dtype):
             elem = C.DTYPES[dtype_name].itemsize
             for n, v in (shapes if i == 0 or args.full_grid else [(args.base_n, args.base_v)]):
@@ -589,8 +631,12 @@ def derive(rows: list[dict], machine: dict) -> None:
             r["bytes_model"] = ce_bytes(r["N"], r["V"], elem, r["mode"])
             r["gbps"] = r["bytes_model"] / sec / 1e9
             r["frac_copy_bw"] = r["gbps"] / (r.get("copy_gbps_group") or machine["copy_gbps"])
+            if machine.get("hbm_bytes_per_s"):
+                r["frac_peak_bw"] = r["gbps"] * 1e9 / machine["hbm_bytes_per_s"]
         else:
             r["gflops"] = linear_flops(r["N"], r["H"], r["V"], r["mode"]) / sec / 1e9
+            if machine.get("bf16_flop_per_s"):  # of the dense bf16 peak, whatever the dtype
+                r["frac_peak_flops"] = r["gflops"] * 1e9 / machine["bf16_flop_per_s"]
         check = (ref_unw if not r["weighted"] else ref).get(key(r))
         if check is not None and r.get("loss") is not None:
             rel = abs(r["loss"] - check["loss"]) / max(abs(check["loss"]), 1e-12)
@@ -608,7 +654,10 @@ COLUMNS = [
     ("n", "n"), ("speedup_vs_eager", "vs eager", lambda x: f"{x:.2f}x"),
     ("peak_mib", "peak extra MiB", ".0f"), ("gbps", "GB/s", ".2f"),
     ("frac_copy_bw", "% copy BW", lambda x: f"{100 * x:.0f}%"),
-    ("gflops", "GFLOP/s", ".0f"), ("status_short", "status"),
+    ("gflops", "GFLOP/s", ".0f"),
+    ("frac_peak_bw", "% peak HBM", lambda x: f"{100 * x:.0f}%"),
+    ("frac_peak_flops", "% peak bf16", lambda x: f"{100 * x:.0f}%"),
+    ("status_short", "status"),
 ]
 
 
@@ -918,7 +967,13 @@ def parse_args(argv):
                    help="repeats for the headline cases (default: --repeats)")
     p.add_argument("--case-timeout-s", type=float, default=900.0)
     p.add_argument("--no-gpu-section", action="store_true")
+    p.add_argument("--no-headline", action="store_true",
+                   help="the sweep only, without the two headline cases")
     p.add_argument("--plan", action="store_true", help="print the plan and estimates; run nothing")
+    p.add_argument("--modes", nargs="+", choices=("fwd", "fwd+bwd"), default=None,
+                   help="only these modes (default: both; --quick: linear fwd+bwd)")
+    p.add_argument("--impls", nargs="+", default=None,
+                   help="only these implementations (names as in the table; default: all)")
     args = p.parse_args(argv)
     if args.no_memory:
         args.memory = "off"
@@ -936,6 +991,14 @@ def parse_args(argv):
         args.linear_impls = LINEAR_IMPLS
         args.modes_linear = ["fwd", "fwd+bwd"]
     args.modes_ce = ["fwd", "fwd+bwd"]
+    args.ce_impls = CE_IMPLS
+    if args.impls:
+        unknown = set(args.impls) - set(CE_IMPLS) - set(LINEAR_IMPLS)
+        if unknown:
+            p.error(f"--impls: unknown {sorted(unknown)}; choose from "
+                    f"{sorted(set(CE_IMPLS) | set(LINEAR_IMPLS))}")
+        args.ce_impls = tuple(i for i in CE_IMPLS if i in args.impls)
+        args.linear_impls = tuple(i for i in args.linear_impls if i in args.impls)
     args.dtype = args.dtype or ["fp32", "bf16"]
     args.memory = args.memory or "subprocess"
     args.max_call_s = args.max_call_s if args.max_call_s is not None else 5.0
@@ -955,6 +1018,8 @@ def main(argv=None) -> int:
     set_malloc_trim()  # return freed blocks to the OS: this process times many shapes
     t_start = time.perf_counter()
     machine = C.measure_copy_bandwidth(device=device)
+    machine.update(C.device_peaks(torch.cuda.get_device_name(device)
+                                  if device.type == "cuda" else None))
     run_linear = args.only in (None, "linear")
     if run_linear:
         machine["gemm_gflops"] = probe_gemm_gflops(sorted(set(args.dtype) | {"fp32"}), device)
@@ -971,7 +1036,7 @@ def main(argv=None) -> int:
              if run_linear else "") + f"; memory: {args.memory}")
 
     cases = [] if args.headline else plan_cases(args, machine, device)
-    if not args.quick:
+    if not args.quick and not args.no_headline:
         # a headline case the sweep already runs is measured once, with the headline's
         # repeats
         index = {case_key(c): c for c in cases if c["status"] == "planned"}
