@@ -123,3 +123,17 @@ def test_bad_selector_arguments(tmp_path):
         _trainer(tmp_path, selector="best")
     with pytest.raises(ValueError, match="without selector"):
         _trainer(tmp_path, selector_options=dict(gamma=0.5))
+
+
+def test_evaluate_reports_hf_loss(tmp_path):
+    model = tiny_model("cohere", dtype=torch.float32)
+    data = [{"input_ids": x, "labels": x} for x in
+            torch.randint(0, 97, (8, 12), generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        want = torch.stack([model(input_ids=torch.stack([d["input_ids"] for d in data[i:i + 4]]),
+                                  labels=torch.stack([d["labels"] for d in data[i:i + 4]])).loss
+                            for i in (0, 4)]).mean()
+    args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=4, report_to=[],
+                             use_cpu=True)
+    got = ThresherTrainer(model, args, eval_dataset=data).evaluate()["eval_loss"]
+    assert abs(got - float(want)) < 1e-5
