@@ -3,15 +3,18 @@
 The op layer calls two launchers, one row kernel each (see that module's docstring for the
 maths and for who calls which)::
 
-    ce_forward(x, target, lse, loss, grad, coef, ignore_index, eps, zl)   # loss, lse [, grad]
-    ce_backward(x, target, lse, coef, grad, ignore_index, eps, zl)        # grad from saved lse
+    ce_forward(x, target, lse, loss, grad, coef, ignore_index, eps, zl, cap)  # loss, lse [, grad]
+    ce_backward(x, target, lse, coef, grad, ignore_index, eps, zl, cap)       # grad from saved lse
 
 Per row (token) with logits x (vocab V), target y, lse = logsumexp(x), p_j = exp(x_j - lse)::
 
     loss   = lse - (1 - eps) x_y - eps mean_j(x_j) + zl lse^2
     grad_j = coef (p_j (1 + 2 zl lse) - eps / V - (1 - eps) [j == y])
 
-and an ignored row (y == ignore_index) gets loss = lse = 0 and a zero gradient row.
+and an ignored row (y == ignore_index) gets loss = lse = 0 and a zero gradient row. With a
+soft-cap ``cap != 0`` every x_j is first replaced by ``cap tanh(x_j / cap)`` (on load) and
+grad_j is multiplied by ``1 - tanh^2(x_j / cap)``; ``SOFTCAP`` is a constexpr, so the
+uncapped kernels are the same code as without the option.
 
 Design. One program per row; the row is swept in ``BLOCK_V`` tiles, all maths in fp32
 whatever the storage dtype (16-bit logits are widened on load, the gradient is rounded once
@@ -107,7 +110,30 @@ SUPPORTED_DTYPES = ("fp32", "bf16", "fp16")
 
 
 @triton.jit
-def _write_grad_row(x_row, g_row, V, y, lse, c, eps, zl, BLOCK_V: tl.constexpr):
+def _tanh(x):
+    """tanh in fp32: an odd polynomial for |x| < 0.625 (Cephes tanhf; the exp form cancels
+    there), else sign(x) (1 - 2 / (exp(2|x|) + 1)) (exp overflow to inf gives +-1)."""
+    a = tl.abs(x)
+    s = x * x
+    small = ((((-5.70498872745e-3 * s + 2.06390887954e-2) * s - 5.37397155531e-2) * s
+              + 1.33314422036e-1) * s - 3.33332819422e-1) * s * x + x
+    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    big = tl.where(x < 0.0, -big, big)
+    return tl.where(a < 0.625, small, big)
+
+
+@triton.jit
+def _load_row(ptrs, mask, other, cap, SOFTCAP: tl.constexpr):
+    """Loads logits as fp32, soft-capped (cap tanh(x / cap)) when SOFTCAP."""
+    x = tl.load(ptrs, mask=mask, other=other).to(tl.float32)
+    if SOFTCAP:  # masked lanes keep ``other`` (-inf must not become -cap)
+        x = tl.where(mask, cap * _tanh(x / cap), other)
+    return x
+
+
+@triton.jit
+def _write_grad_row(x_row, g_row, V, y, lse, c, eps, zl, cap, BLOCK_V: tl.constexpr,
+                    SOFTCAP: tl.constexpr):
     """grad_j = c (exp(x_j - lse)(1 + 2 zl lse) - eps/V - (1-eps)[j == y]); zeros, without
     reading x, when c == 0 (ignored row or zero weight). Reads each tile before writing
     it, so g_row may equal x_row."""
@@ -124,17 +150,20 @@ def _write_grad_row(x_row, g_row, V, y, lse, c, eps, zl, BLOCK_V: tl.constexpr):
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V
-            xb = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            xb = _load_row(x_row + cols, mask, 0.0, cap, SOFTCAP)
             g = tl.exp(xb - lse) * scale - off
             g = tl.where(cols == y, g - hot, g)
+            if SOFTCAP:
+                t = xb / cap
+                g = g * (1.0 - t * t)
             tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ce_fwd_kernel(
     x_ptr, x_stride, tgt_ptr, lse_ptr, loss_ptr, grad_ptr, grad_stride, coef_ptr,
-    V, ignore_index, eps, zl,
-    BLOCK_V: tl.constexpr, HAS_GRAD: tl.constexpr,
+    V, ignore_index, eps, zl, cap,
+    BLOCK_V: tl.constexpr, HAS_GRAD: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # int64 row offsets: N * V passes 2^31 elements (16384 x 128256) long before V does.
     row = tl.program_id(0).to(tl.int64)
@@ -147,11 +176,11 @@ def _ce_fwd_kernel(
         m = tl.full([], float("-inf"), tl.float32)        # running max (block-uniform)
         sx = tl.full([], 0.0, tl.float32)                 # running sum of x (smoothing)
         s_vec = tl.zeros([BLOCK_V], dtype=tl.float32)     # per-lane sum exp(x - m)
-        x_y = tl.load(x_row + y).to(tl.float32)
+        x_y = _load_row(x_row + y, True, 0.0, cap, SOFTCAP)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V
-            xb = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            xb = _load_row(x_row + cols, mask, float("-inf"), cap, SOFTCAP)
             m_new = tl.maximum(m, tl.max(xb, axis=0))
             # A row (so far) of -inf logits must not produce exp(-inf - -inf) = NaN.
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -171,14 +200,15 @@ def _ce_fwd_kernel(
     if HAS_GRAD:
         c = tl.load(coef_ptr + row)
         c = tl.where(valid, c, 0.0)
-        _write_grad_row(x_row, grad_ptr + row * grad_stride, V, y, lse, c, eps, zl, BLOCK_V)
+        _write_grad_row(x_row, grad_ptr + row * grad_stride, V, y, lse, c, eps, zl, cap, BLOCK_V,
+                        SOFTCAP)
 
 
 @triton.jit
 def _ce_bwd_kernel(
     x_ptr, x_stride, tgt_ptr, lse_ptr, coef_ptr, grad_ptr, grad_stride,
-    V, ignore_index, eps, zl,
-    BLOCK_V: tl.constexpr,
+    V, ignore_index, eps, zl, cap,
+    BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(tgt_ptr + row)
@@ -186,7 +216,7 @@ def _ce_bwd_kernel(
     c = tl.where(y != ignore_index, c, 0.0)
     lse = tl.load(lse_ptr + row)
     _write_grad_row(x_ptr + row * x_stride, grad_ptr + row * grad_stride, V, y, lse, c, eps, zl,
-                    BLOCK_V)
+                    cap, BLOCK_V, SOFTCAP)
 
 
 # ----------------------------------------------------------------------------------------
@@ -200,7 +230,8 @@ def _check_rows(name, t, n, v):
                          f"{tuple(t.shape)} strides {tuple(t.stride())}")
 
 
-def ce_forward(x, target, lse, loss, grad, coef, ignore_index: int, eps: float, zl: float) -> None:
+def ce_forward(x, target, lse, loss, grad, coef, ignore_index: int, eps: float, zl: float,
+               cap: float = 0.0) -> None:
     """Writes ``lse`` and ``loss`` (N,) fp32 and, when ``grad`` is given, ``coef_t * dl_t/dx``
     into ``grad`` (may be ``x`` itself)."""
     n, v = x.shape
@@ -217,12 +248,13 @@ def ce_forward(x, target, lse, loss, grad, coef, ignore_index: int, eps: float, 
         x, x.stride(0), target, lse, loss,
         grad if has_grad else x, grad.stride(0) if has_grad else 0,
         coef if has_grad else lse,  # unused placeholders when there is no gradient
-        v, int(ignore_index), float(eps), float(zl),
-        BLOCK_V=block_v, HAS_GRAD=has_grad, num_warps=num_warps,
+        v, int(ignore_index), float(eps), float(zl), float(cap),
+        BLOCK_V=block_v, HAS_GRAD=has_grad, SOFTCAP=bool(cap), num_warps=num_warps,
     )
 
 
-def ce_backward(x, target, lse, coef, grad, ignore_index: int, eps: float, zl: float) -> None:
+def ce_backward(x, target, lse, coef, grad, ignore_index: int, eps: float, zl: float,
+                cap: float = 0.0) -> None:
     """Writes ``coef_t * dl_t/dx`` into ``grad`` (may be ``x`` itself) from the saved ``lse``."""
     n, v = x.shape
     _check_rows("x", x, n, v)
@@ -232,8 +264,8 @@ def ce_backward(x, target, lse, coef, grad, ignore_index: int, eps: float, zl: f
     block_v, num_warps = launch_config(v)
     _ce_bwd_kernel[(n,)](
         x, x.stride(0), target, lse, coef, grad, grad.stride(0),
-        v, int(ignore_index), float(eps), float(zl),
-        BLOCK_V=block_v, num_warps=num_warps,
+        v, int(ignore_index), float(eps), float(zl), float(cap),
+        BLOCK_V=block_v, SOFTCAP=bool(cap), num_warps=num_warps,
     )
 
 
@@ -249,17 +281,21 @@ def _aot_specs(dtype: str):
     p = f"*{dtype}"
     fwd_sig = {"x_ptr": p, "x_stride": "i32", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
                "loss_ptr": "*fp32", "grad_ptr": p, "grad_stride": "i32", "coef_ptr": "*fp32",
-               "V": "i32", "ignore_index": "i32", "eps": "fp32", "zl": "fp32",
-               "BLOCK_V": "constexpr", "HAS_GRAD": "constexpr"}
+               "V": "i32", "ignore_index": "i32", "eps": "fp32", "zl": "fp32", "cap": "fp32",
+               "BLOCK_V": "constexpr", "HAS_GRAD": "constexpr", "SOFTCAP": "constexpr"}
     bwd_sig = {"x_ptr": p, "x_stride": "i32", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
                "coef_ptr": "*fp32", "grad_ptr": p, "grad_stride": "i32",
-               "V": "i32", "ignore_index": "i32", "eps": "fp32", "zl": "fp32",
-               "BLOCK_V": "constexpr"}
+               "V": "i32", "ignore_index": "i32", "eps": "fp32", "zl": "fp32", "cap": "fp32",
+               "BLOCK_V": "constexpr", "SOFTCAP": "constexpr"}
     for block_v, num_warps in CONFIGS:
-        for has_grad in (False, True):
-            yield ("ce_fwd_grad" if has_grad else "ce_fwd", _ce_fwd_kernel, fwd_sig,
-                   {"BLOCK_V": block_v, "HAS_GRAD": has_grad}, block_v, num_warps)
-        yield ("ce_bwd", _ce_bwd_kernel, bwd_sig, {"BLOCK_V": block_v}, block_v, num_warps)
+        for cap in (False, True):
+            sfx = "_softcap" if cap else ""
+            for has_grad in (False, True):
+                yield (("ce_fwd_grad" if has_grad else "ce_fwd") + sfx, _ce_fwd_kernel, fwd_sig,
+                       {"BLOCK_V": block_v, "HAS_GRAD": has_grad, "SOFTCAP": cap}, block_v,
+                       num_warps)
+            yield ("ce_bwd" + sfx, _ce_bwd_kernel, bwd_sig, {"BLOCK_V": block_v, "SOFTCAP": cap},
+                   block_v, num_warps)
 
 
 def _divisibility_attrs(fn, signature, aligned_rows: bool):
@@ -309,7 +345,8 @@ def aot_compile_stats(cc: int) -> list[dict]:
     GPU needed (Triton ships ptxas). Returns one dict per compiled kernel: kernel ("ce_fwd"
     and "ce_fwd_grad": _ce_fwd_kernel with HAS_GRAD False/True; "ce_bwd"), dtype,
     cc, block_v, aligned (row-alignment specialisation, see _divisibility_attrs), num_warps,
-    n_regs, n_spills (spill store + load bytes), shared (bytes).
+    n_regs, n_spills (spill store + load bytes), shared (bytes). Each kernel also has a
+    ``_softcap`` variant (SOFTCAP=True).
 
     Must run without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions)."""
     from triton.backends.compiler import GPUTarget

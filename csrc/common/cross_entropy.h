@@ -14,7 +14,9 @@
 // 16-byte loads are in flight per thread.
 //
 // Per-element maths (lse = logsumexp(x), p = exp(x - lse), smoothing eps, z-loss zl, row
-// coefficient c):  g_j = c (p_j (1 + 2 zl lse) - eps/V) - c (1 - eps) [j == y].
+// coefficient c):  g_j = c (p_j (1 + 2 zl lse) - eps/V) - c (1 - eps) [j == y]. With a soft-cap
+// k != 0 each x_j is first replaced by k tanh(x_j / k) (row_partial: after unpacking; row_grad:
+// capped_grad_value) and g_j is multiplied by 1 - tanh^2(x_j / k).
 #pragma once
 
 #include <cmath>
@@ -244,16 +246,17 @@ THR_CE_UNROLL
 
 template <int D>
 THR_HD Partial row_partial(const typename Elem<D>::S* row, int V, int tid, int nthreads,
-                           bool want_sum_x) {
+                           bool want_sum_x, float cap = 0.0f) {
+  const float inv = cap == 0.0f ? 0.0f : 1.0f / cap;
   using E = Elem<D>;
   Partial p{LseState{neg_inf(), 0.0f}, 0.0};
   const RowSplit sp = split_row(row, V);
   for (int j = tid; j < sp.head; j += nthreads) {
-    const float f[1] = {E::to_float(row[j])};
+    const float f[1] = {softcap_value(E::to_float(row[j]), cap, inv)};
     push(p, f, want_sum_x);
   }
   for (int j = sp.tail_start + tid; j < V; j += nthreads) {
-    const float f[1] = {E::to_float(row[j])};
+    const float f[1] = {softcap_value(E::to_float(row[j]), cap, inv)};
     push(p, f, want_sum_x);
   }
   const unsigned char* base = reinterpret_cast<const unsigned char*>(row + sp.head);
@@ -266,6 +269,8 @@ THR_CE_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       float f[E::kVec];
       E::unpack(w[u], f);
+THR_CE_UNROLL
+      for (int k = 0; k < E::kVec; ++k) f[k] = softcap_value(f[k], cap, inv);
       push(p, f, want_sum_x);
     }
   }
@@ -274,6 +279,8 @@ THR_CE_UNROLL
     load16<false>(base + 16 * static_cast<size_t>(i), w);
     float f[E::kVec];
     E::unpack(w, f);
+THR_CE_UNROLL
+    for (int k = 0; k < E::kVec; ++k) f[k] = softcap_value(f[k], cap, inv);
     push(p, f, want_sum_x);
   }
   return p;
@@ -290,7 +297,7 @@ THR_HD float lse_value(LseState st) {
 
 // ---- pass 2: gradient -----------------------------------------------------------------------
 
-// GradCoef, grad_coef, grad_value, grad_target_value: csrc/common/math.h (shared with the CPU).
+// GradCoef, grad_coef, capped_grad_value, ...: csrc/common/math.h (shared with the CPU).
 
 // Writes g_j = grad_value(x_j) for this thread's elements (the target is fixed up by the
 // caller afterwards). grad may alias row: every element is read, then written, by the one
@@ -305,7 +312,7 @@ THR_HD void row_grad(const typename Elem<D>::S* row, typename Elem<D>::S* grad, 
   const RowSplit sp = split_row(row, V);
   const bool vec_store =
       ((reinterpret_cast<uintptr_t>(row) ^ reinterpret_cast<uintptr_t>(grad)) & 15u) == 0;
-  for (int j = sp.tail_start + tid; j < V; j += nthreads) grad[j] = E::from_float(grad_value(E::to_float(row[j]), c));
+  for (int j = sp.tail_start + tid; j < V; j += nthreads) grad[j] = E::from_float(capped_grad_value(E::to_float(row[j]), c));
   const unsigned char* base = reinterpret_cast<const unsigned char*>(row + sp.head);
   S* gbase = grad + sp.head;
   const int last = sp.nvec - 1;
@@ -319,7 +326,7 @@ THR_CE_UNROLL
       float f[E::kVec];
       E::unpack(w[u], f);
 THR_CE_UNROLL
-      for (int k = 0; k < E::kVec; ++k) f[k] = grad_value(f[k], c);
+      for (int k = 0; k < E::kVec; ++k) f[k] = capped_grad_value(f[k], c);
       const size_t v = static_cast<size_t>(last - (r + u * nthreads));
       if (vec_store) {
         E::pack(f, w[u]);
@@ -337,7 +344,7 @@ THR_CE_UNROLL
     float f[E::kVec];
     E::unpack(w, f);
 THR_CE_UNROLL
-    for (int k = 0; k < E::kVec; ++k) f[k] = grad_value(f[k], c);
+    for (int k = 0; k < E::kVec; ++k) f[k] = capped_grad_value(f[k], c);
     if (vec_store) {
       E::pack(f, w);
       store16(gbase + v * E::kVec, w);
@@ -346,7 +353,7 @@ THR_CE_UNROLL
       for (int k = 0; k < E::kVec; ++k) gbase[v * E::kVec + k] = E::from_float(f[k]);
     }
   }
-  for (int j = tid; j < sp.head; j += nthreads) grad[j] = E::from_float(grad_value(E::to_float(row[j]), c));
+  for (int j = tid; j < sp.head; j += nthreads) grad[j] = E::from_float(capped_grad_value(E::to_float(row[j]), c));
 }
 
 // Zeros this thread's share of a gradient row (ignored rows, zero coefficients).

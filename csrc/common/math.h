@@ -86,8 +86,9 @@ THR_HD uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(out | sign);
 }
 
-// exp(x) in float, <= 2 ulp on [-87, 88]; below -87 returns ~1.6e-38 (not 0): harmless where
-// it is used (softmax terms are scaled by O(1) coefficients and summed with O(1) terms).
+// exp(x) in float, <= 2 ulp on [-87, 88]; exactly 0 below ln(FLT_MIN) = -87.34 (the float
+// subnormals are flushed), so masked (-inf) logits get exactly zero probability and gradient,
+// as on the other backends.
 // Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, the Cephes degree-6 polynomial for
 // exp(r), and 2^n written straight into the exponent bits.
 // F is float or a GCC vector of floats and U the matching unsigned type: the CPU kernels
@@ -100,6 +101,7 @@ inline __attribute__((always_inline)) To bitcast(From f) { return __builtin_bit_
 template <typename F, typename U>
 inline __attribute__((always_inline)) F exp_poly(F x) {
   const F lo = F{} - 87.0f, hi = F{} + 88.0f;
+  const F x_in = x;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   // n = round(x / ln2) by the 1.5 * 2^23 trick: adding it leaves n in the low mantissa bits
@@ -117,9 +119,44 @@ inline __attribute__((always_inline)) F exp_poly(F x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   U e = bitcast<U>(shifted) - bitcast<U>(magic) + 127u;  // n + exponent bias
-  return p * bitcast<F>(e << 23);
+  const F r_exp = p * bitcast<F>(e << 23);
+  return x_in < F{} - 87.33654475f ? F{} : r_exp;
+}
+
+// tanh(x) in float, a few ulp: the Cephes odd polynomial for |x| < 0.625 (where the exp form
+// would cancel), else sign(x) (1 - 2 / (exp(2|x|) + 1)) on exp_poly (clamped: +-inf -> +-1).
+// Same F/U convention as exp_poly; branch-free (both forms computed, one selected).
+template <typename F, typename U>
+inline __attribute__((always_inline)) F tanh_poly(F x) {
+  const F zero = F{};
+  const F a = x < zero ? -x : x;
+  const F s = x * x;
+  const F small = ((((-5.70498872745e-3f * s + 2.06390887954e-2f) * s - 5.37397155531e-2f) * s +
+                    1.33314422036e-1f) * s - 3.33332819422e-1f) * s * x + x;
+  const F e = exp_poly<F, U>(a + a);
+  F big = 1.0f - 2.0f / (e + 1.0f);
+  big = x < zero ? -big : big;
+  return a < zero + 0.625f ? small : big;
 }
 #endif
+
+THR_HD float fast_tanhf(float x) {
+#if defined(__CUDACC__)
+  return tanhf(x);
+#else
+  return tanh_poly<float, uint32_t>(x);
+#endif
+}
+
+// Final-logit soft-capping (Gemma 2/3): x -> cap tanh(x / cap); cap == 0 means off. The
+// gradient through it is multiplied by d cap tanh(x/cap) / dx = 1 - (capped / cap)^2.
+THR_HD float softcap_value(float x, float cap, float inv_cap) {
+  return cap == 0.0f ? x : cap * fast_tanhf(x * inv_cap);
+}
+THR_HD float softcap_slope(float capped, float inv_cap) {
+  const float t = capped * inv_cap;
+  return inv_cap == 0.0f ? 1.0f : 1.0f - t * t;  // (off: -inf * 0 would be NaN)
+}
 
 THR_HD float fast_expf(float x) {
 #if defined(__CUDA_ARCH__)
@@ -149,12 +186,14 @@ struct GradCoef {
   float scale_p;       // c (1 + 2 zl lse)
   float smooth;        // c eps / V
   float target_shift;  // c (1 - eps)
+  float cap, inv_cap;  // soft-cap and 1/cap (both 0: off); used by capped_grad_value
 };
 
-THR_HD GradCoef grad_coef(float lse, float coef, double eps, double zl, long V) {
+THR_HD GradCoef grad_coef(float lse, float coef, double eps, double zl, long V, double cap = 0.0) {
   const float e = static_cast<float>(eps), z = static_cast<float>(zl);
+  const float k = static_cast<float>(cap);
   return GradCoef{lse, coef * (1.0f + 2.0f * z * lse), coef * e / static_cast<float>(V),
-                  coef * (1.0f - e)};
+                  coef * (1.0f - e), k, k == 0.0f ? 0.0f : 1.0f / k};
 }
 
 THR_HD float grad_value(float x, const GradCoef& c) {
@@ -163,6 +202,16 @@ THR_HD float grad_value(float x, const GradCoef& c) {
 
 THR_HD float grad_target_value(float x_t, const GradCoef& c) {
   return grad_value(x_t, c) - c.target_shift;
+}
+
+// grad_value of a raw (not yet capped) logit x, through the soft-cap (the CUDA kernels).
+THR_HD float capped_grad_value(float x, const GradCoef& c) {
+  const float xc = softcap_value(x, c.cap, c.inv_cap);
+  return grad_value(xc, c) * softcap_slope(xc, c.inv_cap);
+}
+// The target's value, from its already capped logit.
+THR_HD float capped_grad_target_value(float xc_t, const GradCoef& c) {
+  return grad_target_value(xc_t, c) * softcap_slope(xc_t, c.inv_cap);
 }
 
 // Online log-sum-exp state: running max m and sum of exp(x - m).

@@ -94,32 +94,48 @@ THR_AI float hmax(v8f v) {
 THR_AI float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 THR_AI v8f vexp(v8f x) { return thr::exp_poly<v8f, v8u>(x); }
 
+// Soft-capped loads (kCap: x -> cap tanh(x / cap), see thr::softcap_value); the kCap = false
+// instantiations are the plain loads, so the uncapped loops are unchanged.
+struct Cap {
+  float cap, inv;
+};
+template <bool kCap, typename T>
+THR_AI v8f load8c(const T* p, Cap c) {
+  const v8f v = load8(p);
+  return kCap ? thr::tanh_poly<v8f, v8u>(v * c.inv) * c.cap : v;
+}
+template <bool kCap, typename T>
+THR_AI float load1c(const T* p, Cap c) {
+  const float v = to_acc(*p);
+  return kCap ? c.cap * thr::fast_tanhf(v * c.inv) : v;
+}
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Pass 1 for float/bf16/fp16 rows: returns lse; sum of x into *sum_x when want_sum_x.
-template <typename T>
-THR_AI float row_lse(const T* row, long V, bool want_sum_x, double* sum_x) {
+template <bool kCap, typename T>
+THR_AI float row_lse(const T* row, long V, bool want_sum_x, double* sum_x, Cap cap) {
   float run_m = kNegInf, run_s = 0.0f;
   double sx_total = 0.0;
   for (long j0 = 0; j0 < V; j0 += BLOCK) {
     const long n = std::min(BLOCK, V - j0), nv = n - n % W;
     const T* x = row + j0;
     v8f vm = v8f{} + kNegInf;
-    for (long j = 0; j < nv; j += W) vm = vmax(vm, load8(x + j));
+    for (long j = 0; j < nv; j += W) vm = vmax(vm, load8c<kCap>(x + j, cap));
     float m = hmax(vm);
-    for (long j = nv; j < n; ++j) m = std::max(m, to_acc(x[j]));
+    for (long j = nv; j < n; ++j) m = std::max(m, load1c<kCap>(x + j, cap));
     if (want_sum_x) {
       v8f vx = v8f{};
-      for (long j = 0; j < nv; j += W) vx += load8(x + j);
+      for (long j = 0; j < nv; j += W) vx += load8c<kCap>(x + j, cap);
       float sx = hsum(vx);
-      for (long j = nv; j < n; ++j) sx += to_acc(x[j]);
+      for (long j = nv; j < n; ++j) sx += load1c<kCap>(x + j, cap);
       sx_total += sx;
     }
     if (m == kNegInf) continue;  // an all -inf block adds nothing (and exp(-inf - -inf) is NaN)
     v8f vs = v8f{};
-    for (long j = 0; j < nv; j += W) vs += vexp(load8(x + j) - m);
+    for (long j = 0; j < nv; j += W) vs += vexp(load8c<kCap>(x + j, cap) - m);
     float s = hsum(vs);
-    for (long j = nv; j < n; ++j) s += thr::fast_expf(to_acc(x[j]) - m);
+    for (long j = nv; j < n; ++j) s += thr::fast_expf(load1c<kCap>(x + j, cap) - m);
     if (m > run_m) {
       run_s = run_s * thr::fast_expf(run_m - m) + s;  // run_s == 0 while run_m == -inf
       run_m = m;
@@ -132,14 +148,16 @@ THR_AI float row_lse(const T* row, long V, bool want_sum_x, double* sum_x) {
 }
 
 // float64 rows (gradcheck and ground-truth use; exactness over speed): scalar std::exp.
-THR_AI double row_lse(const double* row, long V, bool want_sum_x, double* sum_x) {
+THR_AI double cap64(double x, double cap) { return cap == 0.0 ? x : cap * std::tanh(x / cap); }
+
+THR_AI double row_lse64(const double* row, long V, bool want_sum_x, double* sum_x, double cap) {
   double m = -std::numeric_limits<double>::infinity(), s = 0.0, sx = 0.0;
-  for (long j = 0; j < V; ++j) m = std::max(m, row[j]);
+  for (long j = 0; j < V; ++j) m = std::max(m, cap64(row[j], cap));
   if (want_sum_x)
-    for (long j = 0; j < V; ++j) sx += row[j];
+    for (long j = 0; j < V; ++j) sx += cap64(row[j], cap);
   *sum_x = sx;
   if (m == -std::numeric_limits<double>::infinity()) return m;
-  for (long j = 0; j < V; ++j) s += std::exp(row[j] - m);
+  for (long j = 0; j < V; ++j) s += std::exp(cap64(row[j], cap) - m);
   return m + std::log(s);
 }
 
@@ -170,20 +188,27 @@ template <typename T> THR_AI void stream8(T* p, v8f v) { store8(p, v); }
 constexpr bool kCanStream = false;
 #endif
 
-// Pass 2: g_j = coef (p_j (1 + 2 zl lse) - eps/V), minus coef (1 - eps) at the target.
+// Pass 2: g_j = coef (p_j (1 + 2 zl lse) - eps/V), minus coef (1 - eps) at the target
+// (times the soft-cap slope 1 - (x_j/cap)^2 of the capped x_j when kCap).
 // The target's term is folded into the vector that holds it, so the row is written exactly
 // once, front to back; with grad aliasing row, each vector is loaded before it is stored.
-template <typename T>
+template <bool kCap, typename T>
 THR_AI void row_grad(const T* row, T* grad, long V, long target, float lse, float coef, float eps,
-                     float zl, bool stream) {
+                     float zl, bool stream, Cap cap) {
   const thr::GradCoef c = thr::grad_coef(lse, coef, eps, zl, V);
   auto scalar = [&](long j) __attribute__((always_inline)) {
-    const float x = to_acc(row[j]);
-    store1(grad + j, j == target ? thr::grad_target_value(x, c) : thr::grad_value(x, c));
+    const float x = load1c<kCap>(row + j, cap);
+    const float g = j == target ? thr::grad_target_value(x, c) : thr::grad_value(x, c);
+    store1(grad + j, kCap ? g * thr::softcap_slope(x, cap.inv) : g);
   };
   auto vec = [&](long j) __attribute__((always_inline)) {  // thr::grad_value, 8 lanes at once
-    v8f v = vexp(load8(row + j) - c.lse) * c.scale_p - c.smooth;
+    const v8f x = load8c<kCap>(row + j, cap);
+    v8f v = vexp(x - c.lse) * c.scale_p - c.smooth;
     if (target >= j && target < j + W) v[target - j] -= c.target_shift;
+    if (kCap) {
+      const v8f t = x * cap.inv;
+      v = v * (1.0f - t * t);
+    }
     return v;
   };
   long j = 0;
@@ -199,14 +224,45 @@ THR_AI void row_grad(const T* row, T* grad, long V, long target, float lse, floa
   for (; j < V; ++j) scalar(j);
 }
 
-THR_AI void row_grad(const double* row, double* grad, long V, long target, double lse, double coef,
-                     double eps, double zl, bool) {
+THR_AI void row_grad64(const double* row, double* grad, long V, long target, double lse,
+                       double coef, double eps, double zl, double cap) {
   const double scale_p = coef * (1.0 + 2.0 * zl * lse);
   const double smooth = coef * eps / static_cast<double>(V);
-  const double x_t = row[target];
-  for (long j = 0; j < V; ++j) grad[j] = std::exp(row[j] - lse) * scale_p - smooth;
-  grad[target] = std::exp(x_t - lse) * scale_p - smooth - coef * (1.0 - eps);
+  for (long j = 0; j < V; ++j) {
+    const double x = cap64(row[j], cap);  // read before grad[j] (may alias) is written
+    double g = std::exp(x - lse) * scale_p - smooth - (j == target ? coef * (1.0 - eps) : 0.0);
+    if (cap != 0.0) g *= 1.0 - (x / cap) * (x / cap);
+    grad[j] = g;
+  }
 }
+
+// Dispatch of the two row functions on the soft-cap (a compile-time branch per row).
+template <typename T>
+THR_AI float row_lse_any(const T* row, long V, bool want_sum_x, double* sum_x, float cap) {
+  const Cap c{cap, cap == 0.0f ? 0.0f : 1.0f / cap};
+  return cap != 0.0f ? row_lse<true>(row, V, want_sum_x, sum_x, c)
+                     : row_lse<false>(row, V, want_sum_x, sum_x, c);
+}
+THR_AI double row_lse_any(const double* row, long V, bool want_sum_x, double* sum_x, double cap) {
+  return row_lse64(row, V, want_sum_x, sum_x, cap);
+}
+template <typename T>
+THR_AI void row_grad_any(const T* row, T* grad, long V, long target, float lse, float coef,
+                         float eps, float zl, bool stream, float cap) {
+  const Cap c{cap, cap == 0.0f ? 0.0f : 1.0f / cap};
+  if (cap != 0.0f) row_grad<true>(row, grad, V, target, lse, coef, eps, zl, stream, c);
+  else row_grad<false>(row, grad, V, target, lse, coef, eps, zl, stream, c);
+}
+THR_AI void row_grad_any(const double* row, double* grad, long V, long target, double lse,
+                         double coef, double eps, double zl, bool, double cap) {
+  row_grad64(row, grad, V, target, lse, coef, eps, zl, cap);
+}
+// The loss's target logit, capped like the rest of the row.
+template <typename T>
+THR_AI float target_logit(const T* row, long t, float cap) {
+  return cap != 0.0f ? load1c<true>(row + t, Cap{cap, 1.0f / cap}) : to_acc(row[t]);
+}
+THR_AI double target_logit(const double* row, long t, double cap) { return cap64(row[t], cap); }
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
@@ -224,7 +280,7 @@ struct Rows {
   long grad_stride;
   const A* coef;  // per-row gradient coefficient
   long ignore_index;
-  A eps, zl;
+  A eps, zl, cap;  // cap: soft-cap, 0 = off
   bool stream;
 };
 
@@ -242,10 +298,11 @@ THR_AI void row_forward(const Rows<T>& a, long i) {
     return;
   }
   double sum_x = 0.0;
-  const A lse = row_lse(row, a.V, a.eps != A(0), &sum_x);
+  const A lse = row_lse_any(row, a.V, a.eps != A(0), &sum_x, a.cap);
   a.lse[i] = lse;
-  a.loss[i] = static_cast<A>(thr::ce_row_loss(lse, to_acc(row[t]), sum_x, a.V, a.eps, a.zl));
-  if (grad) row_grad(row, grad, a.V, t, lse, a.coef[i], a.eps, a.zl, a.stream);
+  a.loss[i] = static_cast<A>(thr::ce_row_loss(lse, target_logit(row, t, a.cap), sum_x, a.V,
+                                              a.eps, a.zl));
+  if (grad) row_grad_any(row, grad, a.V, t, lse, a.coef[i], a.eps, a.zl, a.stream, a.cap);
 }
 
 template <typename T>
@@ -258,7 +315,7 @@ THR_AI void row_backward(const Rows<T>& a, long i) {
     std::fill(grad, grad + a.V, T{});
     return;
   }
-  row_grad(row, grad, a.V, t, a.lse[i], a.coef[i], a.eps, a.zl, a.stream);
+  row_grad_any(row, grad, a.V, t, a.lse[i], a.coef[i], a.eps, a.zl, a.stream, a.cap);
 }
 
 // Concrete, ISA-cloned row functions (target_clones needs non-template functions).
@@ -280,49 +337,50 @@ void run_rows(void (*fn)(const Rows<T>&, long), const Rows<T>& a, int threads) {
 template <typename T>
 Rows<T> make_rows(uintptr_t logits, long N, long V, long stride, uintptr_t target, uintptr_t lse,
                   uintptr_t loss, uintptr_t grad, long grad_stride, uintptr_t coef,
-                  long ignore_index, double eps, double zl) {
+                  long ignore_index, double eps, double zl, double cap) {
   using A = typename AccOf<T>::type;
   // Stream only a gradient that is separate from the logits and larger than any L3 (32 MiB).
   const bool big = static_cast<double>(N) * V * sizeof(T) >= 32.0 * (1 << 20);
   return Rows<T>{reinterpret_cast<const T*>(logits), N, V, stride,
                  reinterpret_cast<const int64_t*>(target), reinterpret_cast<A*>(lse),
                  reinterpret_cast<A*>(loss), reinterpret_cast<T*>(grad), grad_stride,
-                 reinterpret_cast<const A*>(coef), ignore_index, A(eps), A(zl),
+                 reinterpret_cast<const A*>(coef), ignore_index, A(eps), A(zl), A(cap),
                  kCanStream && big && grad != logits};
 }
 
 template <typename T>
 void run_typed(void (*fn)(const Rows<T>&, long), uintptr_t logits, long N, long V, long stride,
                    uintptr_t target, uintptr_t lse, uintptr_t loss, uintptr_t grad,
-                   long grad_stride, uintptr_t coef, long ii, double eps, double zl, int threads) {
+                   long grad_stride, uintptr_t coef, long ii, double eps, double zl,
+                   double cap, int threads) {
   run_rows<T>(fn, make_rows<T>(logits, N, V, stride, target, lse, loss, grad, grad_stride, coef,
-                               ii, eps, zl), threads);
+                               ii, eps, zl, cap), threads);
 }
 
 void ce_forward(uintptr_t logits, long N, long V, long stride, int dtype, uintptr_t target,
                 uintptr_t lse, uintptr_t loss, uintptr_t grad, long grad_stride, uintptr_t coef,
-                long ii, double eps, double zl, int threads) {
+                long ii, double eps, double zl, double cap, int threads) {
   if (grad != 0 && coef == 0) throw std::invalid_argument("ce_forward: grad needs coef");
   py::gil_scoped_release release;
   switch (dtype) {
-    case thr::kFloat32: return run_typed<float>(forward_f32, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, threads);
-    case thr::kFloat64: return run_typed<double>(forward_f64, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, threads);
-    case thr::kBFloat16: return run_typed<bf16_t>(forward_bf16, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, threads);
-    case thr::kFloat16: return run_typed<f16_t>(forward_f16, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, threads);
+    case thr::kFloat32: return run_typed<float>(forward_f32, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, cap, threads);
+    case thr::kFloat64: return run_typed<double>(forward_f64, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, cap, threads);
+    case thr::kBFloat16: return run_typed<bf16_t>(forward_bf16, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, cap, threads);
+    case thr::kFloat16: return run_typed<f16_t>(forward_f16, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, cap, threads);
   }
   throw std::invalid_argument("ce_forward: unsupported dtype code");
 }
 
 void ce_backward(uintptr_t logits, long N, long V, long stride, int dtype, uintptr_t target,
                  uintptr_t lse, uintptr_t coef, uintptr_t grad, long grad_stride, long ii,
-                 double eps, double zl, int threads) {
+                 double eps, double zl, double cap, int threads) {
   py::gil_scoped_release release;
   // Same row set-up as the forward; backward rows read lse instead of writing it.
   switch (dtype) {
-    case thr::kFloat32: return run_typed<float>(backward_f32, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, threads);
-    case thr::kFloat64: return run_typed<double>(backward_f64, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, threads);
-    case thr::kBFloat16: return run_typed<bf16_t>(backward_bf16, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, threads);
-    case thr::kFloat16: return run_typed<f16_t>(backward_f16, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, threads);
+    case thr::kFloat32: return run_typed<float>(backward_f32, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, cap, threads);
+    case thr::kFloat64: return run_typed<double>(backward_f64, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, cap, threads);
+    case thr::kBFloat16: return run_typed<bf16_t>(backward_bf16, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, cap, threads);
+    case thr::kFloat16: return run_typed<f16_t>(backward_f16, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, cap, threads);
   }
   throw std::invalid_argument("ce_backward: unsupported dtype code");
 }
@@ -336,11 +394,11 @@ void register_cross_entropy(py::module_& m) {
         py::arg("logits"), py::arg("n_rows"), py::arg("vocab"), py::arg("row_stride"),
         py::arg("dtype"), py::arg("target"), py::arg("lse"), py::arg("loss"), py::arg("grad"),
         py::arg("grad_row_stride"), py::arg("coef"), py::arg("ignore_index"),
-        py::arg("label_smoothing"), py::arg("z_loss"), py::arg("num_threads"));
+        py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("num_threads"));
   m.def("ce_backward", &ce_backward,
         "Weighted-CE gradient rows from saved lse, scaled per row by coef.",
         py::arg("logits"), py::arg("n_rows"), py::arg("vocab"), py::arg("row_stride"),
         py::arg("dtype"), py::arg("target"), py::arg("lse"), py::arg("coef"), py::arg("grad"),
         py::arg("grad_row_stride"), py::arg("ignore_index"), py::arg("label_smoothing"),
-        py::arg("z_loss"), py::arg("num_threads"));
+        py::arg("z_loss"), py::arg("softcap"), py::arg("num_threads"));
 }

@@ -76,7 +76,8 @@ __global__ void __launch_bounds__(thr::ce::kMaxThreads)
 ce_forward_kernel(const typename Elem<D>::S* logits, long N, int V, long stride,
                   const int64_t* __restrict__ target, float* __restrict__ lse_out,
                   float* __restrict__ loss_out, typename Elem<D>::S* grad, long grad_stride,
-                  const float* __restrict__ coef, long ignore_index, double eps, double zl) {
+                  const float* __restrict__ coef, long ignore_index, double eps, double zl,
+                  float cap) {
   using E = Elem<D>;
   using S = typename E::S;
   __shared__ BlockScratch sh;
@@ -95,9 +96,11 @@ ce_forward_kernel(const typename Elem<D>::S* logits, long N, int V, long stride,
     }
     const bool t_ok = t >= 0 && t < V;  // validated in Python; never read out of bounds
     float x_t = 0.0f;
-    if (tid == 0) x_t = t_ok ? E::to_float(x[t]) : thr::ce::quiet_nan();
+    const float inv = cap == 0.0f ? 0.0f : 1.0f / cap;
+    if (tid == 0) x_t = t_ok ? thr::softcap_value(E::to_float(x[t]), cap, inv) : thr::ce::quiet_nan();
 
-    const Partial p = block_reduce(thr::ce::row_partial<D>(x, V, tid, nthreads, eps != 0.0), sh);
+    const Partial p =
+        block_reduce(thr::ce::row_partial<D>(x, V, tid, nthreads, eps != 0.0, cap), sh);
     if (tid == 0) {
       const float lse = thr::ce::lse_value(p.lse);
       sh.row_lse = lse;
@@ -106,10 +109,10 @@ ce_forward_kernel(const typename Elem<D>::S* logits, long N, int V, long stride,
     }
     __syncthreads();
     if (g) {  // uniform
-      const thr::GradCoef c = thr::grad_coef(sh.row_lse, coef[row], eps, zl, V);
+      const thr::GradCoef c = thr::grad_coef(sh.row_lse, coef[row], eps, zl, V, cap);
       thr::ce::row_grad<D>(x, g, V, tid, nthreads, c);
       __syncthreads();  // the owner's plain value is written before the target's
-      if (tid == 0 && t_ok) g[t] = E::from_float(thr::grad_target_value(x_t, c));
+      if (tid == 0 && t_ok) g[t] = E::from_float(thr::capped_grad_target_value(x_t, c));
     }
   }
 }
@@ -119,7 +122,7 @@ __global__ void __launch_bounds__(thr::ce::kMaxThreads)
 ce_backward_kernel(const typename Elem<D>::S* logits, long N, int V, long stride,
                    const int64_t* __restrict__ target, const float* __restrict__ lse_in,
                    const float* __restrict__ coef, typename Elem<D>::S* grad, long grad_stride,
-                   long ignore_index, double eps, double zl) {
+                   long ignore_index, double eps, double zl, float cap) {
   using E = Elem<D>;
   using S = typename E::S;
   const int tid = threadIdx.x, nthreads = blockDim.x;
@@ -134,12 +137,12 @@ ce_backward_kernel(const typename Elem<D>::S* logits, long N, int V, long stride
     }
     const bool t_ok = t >= 0 && t < V;
     float x_t = 0.0f;
-    if (tid == 0 && t_ok) x_t = E::to_float(x[t]);
+    const thr::GradCoef c = thr::grad_coef(lse_in[row], cf, eps, zl, V, cap);
+    if (tid == 0 && t_ok) x_t = thr::softcap_value(E::to_float(x[t]), c.cap, c.inv_cap);
     __syncthreads();  // x[target] is read before anyone writes (grad may alias logits)
-    const thr::GradCoef c = thr::grad_coef(lse_in[row], cf, eps, zl, V);
     thr::ce::row_grad<D>(x, g, V, tid, nthreads, c);
     __syncthreads();
-    if (tid == 0 && t_ok) g[t] = E::from_float(thr::grad_target_value(x_t, c));
+    if (tid == 0 && t_ok) g[t] = E::from_float(thr::capped_grad_target_value(x_t, c));
   }
 }
 
@@ -189,28 +192,28 @@ unsigned grid_for(long N) { return static_cast<unsigned>(N < INT_MAX ? N : INT_M
 template <int D>
 void forward_launch(uintptr_t logits, long N, long V, long stride, uintptr_t target, uintptr_t lse,
                     uintptr_t loss, uintptr_t grad, long grad_stride, uintptr_t coef,
-                    long ignore_index, double eps, double zl, cudaStream_t stream) {
+                    long ignore_index, double eps, double zl, double cap, cudaStream_t stream) {
   using S = typename Elem<D>::S;
   const int threads = thr::ce::threads_for(V, Elem<D>::kVec);
   ce_forward_kernel<D><<<grid_for(N), threads, 0, stream>>>(
       reinterpret_cast<const S*>(logits), N, static_cast<int>(V), stride,
       reinterpret_cast<const int64_t*>(target), reinterpret_cast<float*>(lse),
       reinterpret_cast<float*>(loss), reinterpret_cast<S*>(grad), grad_stride,
-      reinterpret_cast<const float*>(coef), ignore_index, eps, zl);
+      reinterpret_cast<const float*>(coef), ignore_index, eps, zl, static_cast<float>(cap));
   check_launch("ce_forward_cuda");
 }
 
 template <int D>
 void backward_launch(uintptr_t logits, long N, long V, long stride, uintptr_t target,
                      uintptr_t lse, uintptr_t coef, uintptr_t grad, long grad_stride,
-                     long ignore_index, double eps, double zl, cudaStream_t stream) {
+                     long ignore_index, double eps, double zl, double cap, cudaStream_t stream) {
   using S = typename Elem<D>::S;
   const int threads = thr::ce::threads_for(V, Elem<D>::kVec);
   ce_backward_kernel<D><<<grid_for(N), threads, 0, stream>>>(
       reinterpret_cast<const S*>(logits), N, static_cast<int>(V), stride,
       reinterpret_cast<const int64_t*>(target), reinterpret_cast<const float*>(lse),
       reinterpret_cast<const float*>(coef), reinterpret_cast<S*>(grad), grad_stride,
-      ignore_index, eps, zl);
+      ignore_index, eps, zl, static_cast<float>(cap));
   check_launch("ce_backward_cuda");
 }
 
@@ -245,16 +248,16 @@ std::string cuda_runtime_status() {
 void ce_forward_cuda(uintptr_t logits, long N, long V, long row_stride, int dtype,
                      uintptr_t target, uintptr_t lse, uintptr_t loss, uintptr_t grad,
                      long grad_row_stride, uintptr_t coef, long ignore_index, double eps,
-                     double zl, uintptr_t stream) {
+                     double zl, double cap, uintptr_t stream) {
   check_shape("ce_forward_cuda", N, V);
   if (grad != 0 && coef == 0) throw std::invalid_argument("ce_forward_cuda: grad needs coef");
   if (N == 0) return;
   DeviceGuard guard(reinterpret_cast<const void*>(logits));
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case thr::kFloat32: forward_launch<thr::kFloat32>(logits, N, V, row_stride, target, lse, loss, grad, grad_row_stride, coef, ignore_index, eps, zl, s); break;
-    case thr::kBFloat16: forward_launch<thr::kBFloat16>(logits, N, V, row_stride, target, lse, loss, grad, grad_row_stride, coef, ignore_index, eps, zl, s); break;
-    case thr::kFloat16: forward_launch<thr::kFloat16>(logits, N, V, row_stride, target, lse, loss, grad, grad_row_stride, coef, ignore_index, eps, zl, s); break;
+    case thr::kFloat32: forward_launch<thr::kFloat32>(logits, N, V, row_stride, target, lse, loss, grad, grad_row_stride, coef, ignore_index, eps, zl, cap, s); break;
+    case thr::kBFloat16: forward_launch<thr::kBFloat16>(logits, N, V, row_stride, target, lse, loss, grad, grad_row_stride, coef, ignore_index, eps, zl, cap, s); break;
+    case thr::kFloat16: forward_launch<thr::kFloat16>(logits, N, V, row_stride, target, lse, loss, grad, grad_row_stride, coef, ignore_index, eps, zl, cap, s); break;
     default: bad_dtype("ce_forward_cuda", dtype);
   }
 }
@@ -262,15 +265,15 @@ void ce_forward_cuda(uintptr_t logits, long N, long V, long row_stride, int dtyp
 void ce_backward_cuda(uintptr_t logits, long N, long V, long row_stride, int dtype,
                       uintptr_t target, uintptr_t lse, uintptr_t coef, uintptr_t grad,
                       long grad_row_stride, long ignore_index, double eps, double zl,
-                      uintptr_t stream) {
+                      double cap, uintptr_t stream) {
   check_shape("ce_backward_cuda", N, V);
   if (N == 0) return;
   DeviceGuard guard(reinterpret_cast<const void*>(logits));
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case thr::kFloat32: backward_launch<thr::kFloat32>(logits, N, V, row_stride, target, lse, coef, grad, grad_row_stride, ignore_index, eps, zl, s); break;
-    case thr::kBFloat16: backward_launch<thr::kBFloat16>(logits, N, V, row_stride, target, lse, coef, grad, grad_row_stride, ignore_index, eps, zl, s); break;
-    case thr::kFloat16: backward_launch<thr::kFloat16>(logits, N, V, row_stride, target, lse, coef, grad, grad_row_stride, ignore_index, eps, zl, s); break;
+    case thr::kFloat32: backward_launch<thr::kFloat32>(logits, N, V, row_stride, target, lse, coef, grad, grad_row_stride, ignore_index, eps, zl, cap, s); break;
+    case thr::kBFloat16: backward_launch<thr::kBFloat16>(logits, N, V, row_stride, target, lse, coef, grad, grad_row_stride, ignore_index, eps, zl, cap, s); break;
+    case thr::kFloat16: backward_launch<thr::kFloat16>(logits, N, V, row_stride, target, lse, coef, grad, grad_row_stride, ignore_index, eps, zl, cap, s); break;
     default: bad_dtype("ce_backward_cuda", dtype);
   }
 }

@@ -29,7 +29,7 @@ def main(scenario, rank, world, port, out):
     import torch
     import torch.distributed as dist
 
-    from thresher.comm import CommError, CommStats, LowRankCodec, QuantCodec, TopKCodec, sparse_all_gather_mean
+    from thresher.comm import CollectiveError, CommStats, LowRankCodec, QuantCodec, TopKCodec, sparse_all_gather_mean
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -66,7 +66,7 @@ def main(scenario, rank, world, port, out):
             try:
                 sparse_all_gather_mean(codec.encode(_inputs(rank)), timeout=30)
                 res["mismatch"] = "no error"
-            except CommError as exc:
+            except CollectiveError as exc:
                 res["mismatch"] = str(exc)
             # the last rank dies without reaching the next collective: the others must raise
             if rank == world - 1:
@@ -77,7 +77,7 @@ def main(scenario, rank, world, port, out):
             try:
                 sparse_all_gather_mean(TopKCodec().encode(_inputs(rank)), timeout=5)
                 res["dead"] = "no error"
-            except CommError as exc:
+            except CollectiveError as exc:
                 res["dead"] = str(exc)
     except Exception:  # noqa: BLE001
         res["traceback"] = traceback.format_exc()

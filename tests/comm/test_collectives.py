@@ -1,6 +1,7 @@
 """sparse_all_gather_mean on real gloo groups on loopback (spawned processes, short timeouts):
 the mean per index over the ranks that sent it (top-k) or over all ranks (dense codecs), the
-exact bytes each rank sent, a codec mismatch and a dead peer turning into CommError."""
+exact bytes each rank sent, a codec mismatch and a dead peer turning into CollectiveError; one error type and one
+default timeout for thresher.comm and thresher.optim."""
 from __future__ import annotations
 
 import json
@@ -97,3 +98,21 @@ def test_comm_stats_state_round_trip():
     t = CommStats()
     t.load_state_dict(s.state_dict())
     assert t == s and t.bytes_sent == 116 and t.by_kind == {"all_gather": 100, "header": 16}
+
+
+def test_one_error_type_and_one_default_timeout():
+    import inspect
+
+    import thresher.comm as comm
+    import thresher.optim as optim
+    from thresher.comm import collectives
+    from thresher.optim import _dist
+
+    assert comm.CommError is comm.CollectiveError is optim.CollectiveError
+    assert _dist.DEFAULT_TIMEOUT_S == comm.DEFAULT_TIMEOUT_S == 300.0
+    default = inspect.signature(sparse_all_gather_mean).parameters["timeout"].default
+    assert default == comm.DEFAULT_TIMEOUT_S
+    assert collectives.resolve_group().timeout_s == comm.DEFAULT_TIMEOUT_S
+    assert optim.DDPAdamW([torch.nn.Parameter(torch.zeros(2))]).dist.timeout_s == default
+    with pytest.raises(ValueError, match="timeout must be a positive finite"):
+        sparse_all_gather_mean(QuantCodec().encode(torch.randn(300)), timeout=float("inf"))

@@ -63,7 +63,7 @@ Partial block_reduce(std::vector<Partial> p) {
 template <int D>
 void fwd(const void* logits, long N, long V, long stride, const int64_t* target, float* lse,
          float* loss, void* grad, long gstride, const float* coef, long ii, double eps,
-         double zl, int nthreads) {
+         double zl, double cap, int nthreads) {
   using E = Elem<D>;
   using S = typename E::S;
   if (nthreads <= 0) nthreads = threads_for(V, E::kVec);
@@ -78,18 +78,19 @@ void fwd(const void* logits, long N, long V, long stride, const int64_t* target,
       continue;
     }
     const bool t_ok = t >= 0 && t < V;
-    const float x_t = t_ok ? E::to_float(x[t]) : quiet_nan();
+    const float inv = cap == 0.0 ? 0.0f : 1.0f / static_cast<float>(cap);
+    const float x_t = t_ok ? softcap_value(E::to_float(x[t]), (float)cap, inv) : quiet_nan();
     std::vector<Partial> parts;
     for (int tid = 0; tid < nthreads; ++tid)
-      parts.push_back(row_partial<D>(x, (int)V, tid, nthreads, eps != 0.0));
+      parts.push_back(row_partial<D>(x, (int)V, tid, nthreads, eps != 0.0, (float)cap));
     const Partial p = block_reduce(parts);
     const float l = lse_value(p.lse);
     lse[row] = l;
     loss[row] = static_cast<float>(ce_row_loss(l, x_t, p.sum_x, V, eps, zl));
     if (g) {
-      const GradCoef c = grad_coef(l, coef[row], eps, zl, V);
+      const GradCoef c = grad_coef(l, coef[row], eps, zl, V, cap);
       for (int tid = nthreads - 1; tid >= 0; --tid) row_grad<D>(x, g, (int)V, tid, nthreads, c);
-      if (t_ok) g[t] = E::from_float(grad_target_value(x_t, c));
+      if (t_ok) g[t] = E::from_float(capped_grad_target_value(x_t, c));
     }
   }
 }
@@ -97,7 +98,7 @@ void fwd(const void* logits, long N, long V, long stride, const int64_t* target,
 template <int D>
 void bwd(const void* logits, long N, long V, long stride, const int64_t* target,
          const float* lse, const float* coef, void* grad, long gstride, long ii, double eps,
-         double zl, int nthreads) {
+         double zl, double cap, int nthreads) {
   using E = Elem<D>;
   using S = typename E::S;
   if (nthreads <= 0) nthreads = threads_for(V, E::kVec);
@@ -110,10 +111,10 @@ void bwd(const void* logits, long N, long V, long stride, const int64_t* target,
       continue;
     }
     const bool t_ok = t >= 0 && t < V;
-    const float x_t = t_ok ? E::to_float(x[t]) : 0.0f;
-    const GradCoef c = grad_coef(lse[row], coef[row], eps, zl, V);
+    const GradCoef c = grad_coef(lse[row], coef[row], eps, zl, V, cap);
+    const float x_t = t_ok ? softcap_value(E::to_float(x[t]), c.cap, c.inv_cap) : 0.0f;
     for (int tid = 0; tid < nthreads; ++tid) row_grad<D>(x, g, (int)V, tid, nthreads, c);
-    if (t_ok) g[t] = E::from_float(grad_target_value(x_t, c));
+    if (t_ok) g[t] = E::from_float(capped_grad_target_value(x_t, c));
   }
 }
 
@@ -126,20 +127,20 @@ int emu_threads_for(long V, int dtype) {
 }
 void emu_fwd(const void* logits, long N, long V, long stride, int dtype, const int64_t* target,
              float* lse, float* loss, void* grad, long gstride, const float* coef, long ii,
-             double eps, double zl, int nthreads) {
+             double eps, double zl, double cap, int nthreads) {
   switch (dtype) {
-    case kFloat32: fwd<kFloat32>(logits, N, V, stride, target, lse, loss, grad, gstride, coef, ii, eps, zl, nthreads); break;
-    case kBFloat16: fwd<kBFloat16>(logits, N, V, stride, target, lse, loss, grad, gstride, coef, ii, eps, zl, nthreads); break;
-    case kFloat16: fwd<kFloat16>(logits, N, V, stride, target, lse, loss, grad, gstride, coef, ii, eps, zl, nthreads); break;
+    case kFloat32: fwd<kFloat32>(logits, N, V, stride, target, lse, loss, grad, gstride, coef, ii, eps, zl, cap, nthreads); break;
+    case kBFloat16: fwd<kBFloat16>(logits, N, V, stride, target, lse, loss, grad, gstride, coef, ii, eps, zl, cap, nthreads); break;
+    case kFloat16: fwd<kFloat16>(logits, N, V, stride, target, lse, loss, grad, gstride, coef, ii, eps, zl, cap, nthreads); break;
   }
 }
 void emu_bwd(const void* logits, long N, long V, long stride, int dtype, const int64_t* target,
              const float* lse, const float* coef, void* grad, long gstride, long ii, double eps,
-             double zl, int nthreads) {
+             double zl, double cap, int nthreads) {
   switch (dtype) {
-    case kFloat32: bwd<kFloat32>(logits, N, V, stride, target, lse, coef, grad, gstride, ii, eps, zl, nthreads); break;
-    case kBFloat16: bwd<kBFloat16>(logits, N, V, stride, target, lse, coef, grad, gstride, ii, eps, zl, nthreads); break;
-    case kFloat16: bwd<kFloat16>(logits, N, V, stride, target, lse, coef, grad, gstride, ii, eps, zl, nthreads); break;
+    case kFloat32: bwd<kFloat32>(logits, N, V, stride, target, lse, coef, grad, gstride, ii, eps, zl, cap, nthreads); break;
+    case kBFloat16: bwd<kBFloat16>(logits, N, V, stride, target, lse, coef, grad, gstride, ii, eps, zl, cap, nthreads); break;
+    case kFloat16: bwd<kFloat16>(logits, N, V, stride, target, lse, coef, grad, gstride, ii, eps, zl, cap, nthreads); break;
   }
 }
 }
@@ -162,8 +163,8 @@ def emu(tmp_path_factory):
     L, I, D, P = ctypes.c_long, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
     so.emu_threads_for.argtypes, so.emu_threads_for.restype = [L, I], I
     so.emu_take_misaligned.argtypes, so.emu_take_misaligned.restype = [], L
-    so.emu_fwd.argtypes = [P, L, L, L, I, P, P, P, P, L, P, L, D, D, I]
-    so.emu_bwd.argtypes = [P, L, L, L, I, P, P, P, P, L, L, D, D, I]
+    so.emu_fwd.argtypes = [P, L, L, L, I, P, P, P, P, L, P, L, D, D, D, I]
+    so.emu_bwd.argtypes = [P, L, L, L, I, P, P, P, P, L, L, D, D, D, I]
     return so
 
 
@@ -185,9 +186,9 @@ def _p(t):
 TOL = {torch.float32: (2e-5, 2e-6), torch.bfloat16: (1.6e-2, 2e-6), torch.float16: (2e-3, 2e-6)}
 
 
-def _check(x, target, coef, ii, eps, zl, loss, lse, grad):
+def _check(x, target, coef, ii, eps, zl, loss, lse, grad, cap=0.0):
     ref_loss, ref_lse, ref_grad = reference_cross_entropy_rows(
-        x.double(), target, None if coef is None else coef.double(), ii, eps, zl)
+        x.double(), target, None if coef is None else coef.double(), ii, eps, zl, cap)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
     if grad is not None:
@@ -208,12 +209,12 @@ def _case(n, v, dtype, seed, *, col_offset=0, pad=0, ignore_rows=(), scale=4.0):
     return x, target, coef
 
 
-def _fwd(emu, x, target, coef, grad, ii=-100, eps=0.0, zl=0.0, nthreads=0):
+def _fwd(emu, x, target, coef, grad, ii=-100, eps=0.0, zl=0.0, nthreads=0, cap=0.0):
     n, v = x.shape
     loss, lse = torch.empty(n), torch.empty(n)
     emu.emu_fwd(_p(x), n, v, x.stride(0), CODES[x.dtype], _p(target), _p(lse), _p(loss),
                 _p(grad), grad.stride(0) if grad is not None else 0, _p(coef), ii, eps, zl,
-                nthreads)
+                cap, nthreads)
     return loss, lse
 
 
@@ -285,7 +286,7 @@ def test_backward(emu, dtype, in_place):
     lse = ref_lse.float()
     grad = x if in_place else torch.full((n, v), math.nan).to(dtype)
     emu.emu_bwd(_p(x), n, v, x.stride(0), CODES[dtype], _p(target), _p(lse), _p(coef), _p(grad),
-                grad.stride(0), -100, eps, zl, 0)
+                grad.stride(0), -100, eps, zl, 0.0, 0)
     _, _, ref_grad = reference_cross_entropy_rows(ref_x.double(), target, coef.double(), -100,
                                                   eps, zl, lse=ref_lse)
     rtol, atol = TOL[dtype]
@@ -308,3 +309,19 @@ def test_extreme_rows(emu):
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-4)  # lse 300.69 in fp32
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", list(CODES))
+@pytest.mark.parametrize("cap", [1.0, 5.0, 30.0])
+def test_softcap_forward_and_backward(emu, dtype, cap):
+    # logits of scale 4 reach the tanh's curve at cap 5 and its saturation at cap 1
+    n, v = 4, 4099
+    x, target, coef = _case(n, v, dtype, seed=11, col_offset=1, ignore_rows=(2,))
+    eps, zl = 0.1, 1e-3
+    grad = torch.full((n, v), math.nan).to(dtype)
+    loss, lse = _fwd(emu, x, target, coef, grad, eps=eps, zl=zl, cap=cap)
+    _check(x, target, coef, -100, eps, zl, loss, lse, grad, cap)
+    grad2 = torch.full((n, v), math.nan).to(dtype)
+    emu.emu_bwd(_p(x), n, v, x.stride(0), CODES[dtype], _p(target), _p(lse), _p(coef), _p(grad2),
+                grad2.stride(0), -100, eps, zl, cap, 0)
+    _check(x, target, coef, -100, eps, zl, loss, lse, grad2, cap)

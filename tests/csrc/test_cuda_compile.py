@@ -185,16 +185,16 @@ for name in ("ce_forward", "ce_backward"):
     if cpu is not None:
         assert params(getattr(cpu, name))[:-1] == p[:-1], (name, params(getattr(cpu, name)), p)
 # argument errors are raised before any CUDA call (safe with or without a GPU)
-for call in (lambda: m.ce_forward(0, 1, 8, 8, 1, 0, 0, 0, 0, 0, 0, -100, 0.0, 0.0, 0),
-             lambda: m.ce_forward(0, 1, 8, 8, 0, 0, 0, 0, 16, 8, 0, -100, 0.0, 0.0, 0),
-             lambda: m.ce_backward(0, 1, 0, 8, 0, 0, 0, 0, 0, 8, -100, 0.0, 0.0, 0)):
+for call in (lambda: m.ce_forward(0, 1, 8, 8, 1, 0, 0, 0, 0, 0, 0, -100, 0.0, 0.0, 0.0, 0),
+             lambda: m.ce_forward(0, 1, 8, 8, 0, 0, 0, 0, 16, 8, 0, -100, 0.0, 0.0, 0.0, 0),
+             lambda: m.ce_backward(0, 1, 0, 8, 0, 0, 0, 0, 0, 8, -100, 0.0, 0.0, 0.0, 0)):
     try:
         call()
     except ValueError:
         pass
     else:
         raise AssertionError("no ValueError")
-m.ce_forward(0, 0, 8, 8, 0, 0, 0, 0, 0, 0, 0, -100, 0.0, 0.0, 0)  # no rows: nothing to do
+m.ce_forward(0, 0, 8, 8, 0, 0, 0, 0, 0, 0, 0, -100, 0.0, 0.0, 0.0, 0)  # no rows: nothing to do
 status = m.runtime_status()
 assert isinstance(status, str)
 print("runtime_status:", repr(status))

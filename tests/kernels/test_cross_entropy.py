@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _children import Child, assert_compiled_cleanly, emit  # noqa: E402
 
 THIS = os.path.abspath(__file__)
-KERNEL_NAMES = ("ce_fwd", "ce_fwd_grad", "ce_bwd")
+KERNEL_NAMES = tuple(k + sfx for k in ("ce_fwd", "ce_fwd_grad", "ce_bwd") for sfx in ("", "_softcap"))
 DTYPES = ("fp32", "bf16", "fp16")
 REDUCTIONS = ("none", "sample", "sum", "mean")
 
@@ -59,6 +59,12 @@ KERNEL_CASES.update({
     "fp32-ignore-index-0": dict(dtype="fp32", n=6, v=700, ignore_index=0),
     "fp32-neg-inf-logits": dict(dtype="fp32", n=4, v=5000, neg_inf=True),
     "bf16-v128256": dict(dtype="bf16", n=2, v=128256, eps=0.1, zl=1e-4),
+    # soft-capping (Gemma 2/3: 30 for the final logits); scale 4 logits hit the tanh's
+    # curved part at cap 5 and its saturated part at cap 1
+    "fp32-softcap": dict(dtype="fp32", n=6, v=5000, eps=0.1, zl=1e-3, cap=5.0),
+    "bf16-softcap-inplace": dict(dtype="bf16", n=5, v=4500, eps=0.05, cap=30.0, inplace=True),
+    "fp16-softcap-small": dict(dtype="fp16", n=8, v=1000, cap=1.0),
+    "fp32-softcap-neg-inf": dict(dtype="fp32", n=4, v=5000, neg_inf=True, cap=5.0),
 })
 
 OP_CASES = {f"{dt}-{red}": dict(dtype=dt, reduction=red) for dt in ("fp32", "bf16")
@@ -70,6 +76,8 @@ OP_CASES.update({
     "bf16-sum-no-grad": dict(dtype="bf16", reduction="sum", no_grad=True),
     "fp32-linear-mean": dict(dtype="fp32", reduction="mean", linear=True),
     "bf16-linear-none": dict(dtype="bf16", reduction="none", linear=True),
+    "fp32-mean-softcap": dict(dtype="fp32", reduction="mean", softcap=3.0),
+    "bf16-linear-sample-softcap": dict(dtype="bf16", reduction="sample", linear=True, softcap=3.0),
 })
 
 
@@ -79,15 +87,16 @@ def _torch_dtype(name):
             "fp64": torch.float64}[name]
 
 
-def _rows_autograd(x, target, coef, ii, eps, zl, dtype):
+def _rows_autograd(x, target, coef, ii, eps, zl, dtype, cap=0.0):
     """(loss, lse, grad) of the row contract computed by torch (log_softmax + autograd) in
     ``dtype``: float64 is the ground truth, the input dtype is "PyTorch eager"."""
     import torch
     xd = x.detach().to(dtype).requires_grad_(True)
+    xc = cap * torch.tanh(xd / cap) if cap else xd
     valid = target != ii
     tgt = torch.where(valid, target, torch.zeros_like(target))
-    logp = torch.log_softmax(xd, -1)
-    lse = torch.logsumexp(xd, -1)
+    logp = torch.log_softmax(xc, -1)
+    lse = torch.logsumexp(xc, -1)
     loss = -(1 - eps) * logp.gather(1, tgt[:, None]).squeeze(1) + zl * lse * lse
     if eps:
         loss = loss - eps * logp.mean(-1)
@@ -122,7 +131,7 @@ def _within(what, got, truth, eager, other=None):
 
 
 def _kernel_case(dtype, n, v, eps=0.0, zl=0.0, pad=0, inplace=False, with_grad=True,
-                 ignore_index=-100, ignore_all=False, neg_inf=False):
+                 ignore_index=-100, ignore_all=False, neg_inf=False, cap=0.0):
     import torch
 
     from thresher.kernels import cross_entropy as K
@@ -150,9 +159,9 @@ def _kernel_case(dtype, n, v, eps=0.0, zl=0.0, pad=0, inplace=False, with_grad=T
     x.copy_(base)
     x0 = x.clone()
 
-    truth = _rows_autograd(x0, target, coef, ignore_index, eps, zl, torch.float64)
-    eager = _rows_autograd(x0, target, coef, ignore_index, eps, zl, dt)
-    ref = reference_cross_entropy_rows(x0, target, coef, ignore_index, eps, zl)
+    truth = _rows_autograd(x0, target, coef, ignore_index, eps, zl, torch.float64, cap)
+    eager = _rows_autograd(x0, target, coef, ignore_index, eps, zl, dt, cap)
+    ref = reference_cross_entropy_rows(x0, target, coef, ignore_index, eps, zl, cap)
     problems = []
 
     def check(what, got, idx):
@@ -171,7 +180,8 @@ def _kernel_case(dtype, n, v, eps=0.0, zl=0.0, pad=0, inplace=False, with_grad=T
     lse = torch.full((n,), math.nan)
     loss = torch.full((n,), math.nan)
     grad = fresh_grad() if with_grad else None
-    K.ce_forward(x, target, lse, loss, grad, coef if with_grad else None, ignore_index, eps, zl)
+    K.ce_forward(x, target, lse, loss, grad, coef if with_grad else None, ignore_index, eps, zl,
+                 cap)
     check("loss", loss, 0)
     check("lse", lse, 1)
     if with_grad:
@@ -194,10 +204,11 @@ def _kernel_case(dtype, n, v, eps=0.0, zl=0.0, pad=0, inplace=False, with_grad=T
             coef2[-1] = 0.0
         x.copy_(x0)
         grad2 = fresh_grad()
-        K.ce_backward(x, target, lse, coef2, grad2, ignore_index, eps, zl)
-        t2 = _rows_autograd(x0, target, coef2, ignore_index, eps, zl, torch.float64)[2]
-        e2 = _rows_autograd(x0, target, coef2, ignore_index, eps, zl, dt)[2]
-        r2 = reference_cross_entropy_rows(x0, target, coef2, ignore_index, eps, zl, lse=lse)[2]
+        K.ce_backward(x, target, lse, coef2, grad2, ignore_index, eps, zl, cap)
+        t2 = _rows_autograd(x0, target, coef2, ignore_index, eps, zl, torch.float64, cap)[2]
+        e2 = _rows_autograd(x0, target, coef2, ignore_index, eps, zl, dt, cap)[2]
+        r2 = reference_cross_entropy_rows(x0, target, coef2, ignore_index, eps, zl, cap,
+                                          lse=lse)[2]
         for msg in (_within("bwd grad vs truth", grad2, t2, e2),
                     _within("bwd grad vs reference", grad2, t2, e2, r2)):
             if msg:
@@ -207,7 +218,7 @@ def _kernel_case(dtype, n, v, eps=0.0, zl=0.0, pad=0, inplace=False, with_grad=T
     return problems
 
 
-def _op_case(dtype, reduction, shape=(2, 5, 300), no_grad=False, linear=False):
+def _op_case(dtype, reduction, shape=(2, 5, 300), no_grad=False, linear=False, softcap=None):
     import torch
 
     import thresher
@@ -220,7 +231,7 @@ def _op_case(dtype, reduction, shape=(2, 5, 300), no_grad=False, linear=False):
     sw = torch.rand(lead[0], generator=g) + 0.5
     tw = torch.rand(lead, generator=g)
     kw = dict(sample_weight=sw, token_weight=tw, reduction=reduction, label_smoothing=0.1,
-              z_loss=1e-3)
+              z_loss=1e-3, softcap=softcap)
     if linear:
         # the fused LM-head op: the kernel overwrites each logits chunk with its gradient
         hidden = torch.randn(*lead, 16, generator=g)

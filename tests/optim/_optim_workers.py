@@ -293,3 +293,63 @@ def w_dead_rank(rank, world, method, kw):
         except CollectiveError as exc:
             return ("CollectiveError", str(exc), time.monotonic() - start)
     return ("no error", "", 0.0)
+
+
+def w_construct(rank, world, method, kws, nets, steps=0):
+    """Builds ``method`` with ``kws[rank]`` on a TinyNet changed by ``nets[rank]`` (keys:
+    ``dtype``, ``seed``, ``w1`` (a shape for the first matrix), ``extra`` (one more
+    parameter)), then runs ``steps`` steps. Returns ("ok", flat params after construction,
+    trajectory) or (the error's type name, its message)."""
+    spec = nets[rank]
+    model = TinyNet(spec.get("dtype", torch.float64), seed=spec.get("seed", 0))
+    if "w1" in spec:
+        model.w1 = torch.nn.Parameter(torch.randn(*spec["w1"], dtype=model.w1.dtype))
+    if spec.get("extra"):
+        model.extra = torch.nn.Parameter(torch.zeros(2, dtype=model.w1.dtype))
+    try:
+        opt = make_opt(method, model.parameters(), **kws[rank])
+    except Exception as exc:  # noqa: BLE001 - the test inspects which error it was
+        return (type(exc).__name__, str(exc))
+    start = flat(model)
+    return ("ok", start, train(model, opt, rank, range(1, steps + 1)) if steps else None)
+
+
+def w_construct_without_peer(rank, world, method, kw):
+    """Rank 1 dies before building its optimizer; rank 0's constructor must raise
+    CollectiveError (the agreement check waits with the timeout), not hang."""
+    from thresher.optim._dist import CollectiveError
+
+    if rank == 1:
+        os._exit(3)
+    start = time.monotonic()
+    try:
+        make_opt(method, TinyNet().parameters(), **kw)
+    except CollectiveError as exc:
+        return ("CollectiveError", str(exc), time.monotonic() - start)
+    return ("no error", "", 0.0)
+
+
+def w_count_construction_collectives(rank, world, method, kws):
+    """Builds ``method`` with ``kws[rank]`` while counting the collectives issued; returns
+    (the error type or "ok", [(collective, payload bytes), ...])."""
+    calls = []
+    real = {name: getattr(dist, name) for name in ("all_gather", "broadcast", "all_reduce")}
+
+    def counting(name):
+        def wrapper(*args, **kw):
+            t = args[1] if name == "all_gather" else args[0]
+            calls.append((name, t.numel() * t.element_size()))
+            return real[name](*args, **kw)
+        return wrapper
+
+    for name in real:
+        setattr(dist, name, counting(name))
+    try:
+        make_opt(method, TinyNet().parameters(), **kws[rank])
+        kind = "ok"
+    except ValueError:
+        kind = "ValueError"
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    return kind, calls

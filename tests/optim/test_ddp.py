@@ -3,6 +3,7 @@ single-process optimizer stepping on the gradient averaged over the ranks' batch
 byte counts; checkpoint/resume; bad configuration."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -76,6 +77,28 @@ def test_bad_config():
         DDPAdamW(W.TinyNet().parameters(), timeout=-1)
     with pytest.raises(ValueError, match="process_group was given"):
         DDPAdamW(W.TinyNet().parameters(), process_group=object())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lr=math.inf), "lr must be finite, got inf"),
+    (dict(eps=math.inf), "eps must be finite"),
+    (dict(weight_decay=math.inf), "weight_decay must be finite"),
+])
+@pytest.mark.parametrize("cls", [DDPAdamW, pytest.param(LowRankDDP, marks=needs_lowrank)])
+def test_non_finite_hyper_parameters(cls, kw, match):
+    # torch's AdamW (and LowRankAdam's range checks) accept an infinite lr, eps or decay
+    with pytest.raises(ValueError, match=match):
+        cls(W.TinyNet().parameters(), **kw)
+    net = W.TinyNet()
+    groups = [dict(params=[net.w1, net.w2]), dict(params=[net.b], **kw)]
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['"):
+        cls(groups)
+
+
+@needs_lowrank
+def test_lowrank_ddp_non_finite_scale():
+    with pytest.raises(ValueError, match="scale must be finite"):
+        LowRankDDP(W.TinyNet().parameters(), scale=math.inf)
 
 
 def test_load_rejects_foreign_state_dict():

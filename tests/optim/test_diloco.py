@@ -1,6 +1,7 @@
 """DiLoCo and SparseLoCo (thresher.optim.diloco) on a real 2-rank gloo group."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -85,6 +86,16 @@ def test_diloco_resume_bit_identical(tmp_path):
     (DiLoCo, dict(outer_momentum=1.5), "outer_momentum must be in"),
     (SparseLoCo, dict(k=10, chunk=4), "k must be <= chunk"),
     (SparseLoCo, dict(codec="zip"), "compression must be None"),
+    # non-finite hyper-parameters, each named (torch's AdamW lets lr, eps, wd = inf through)
+    (DiLoCo, dict(lr=math.inf), "lr must be finite, got inf"),
+    (DiLoCo, dict(eps=math.inf), "eps must be finite"),
+    (DiLoCo, dict(weight_decay=math.inf), "weight_decay must be finite"),
+    (DiLoCo, dict(outer_lr=math.inf), "outer_lr must be finite"),
+    (DiLoCo, dict(outer_lr=0.0), "outer_lr must be > 0"),
+    (DiLoCo, dict(outer_momentum=math.nan), "outer_momentum must be in"),
+    (DiLoCo, dict(timeout=math.inf), "timeout must be a positive finite"),
+    (SparseLoCo, dict(beta=math.nan), "beta must be in"),
+    (SparseLoCo, dict(lr=math.inf), "lr must be finite"),
 ])
 def test_bad_config(cls, kw, match):
     with pytest.raises(ValueError, match=match):

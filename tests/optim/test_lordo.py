@@ -187,10 +187,32 @@ def test_dead_rank_raises_clear_error():
     (dict(outer="adam"), "outer must be one of"),
     (dict(proj="qr"), "proj must be one of"),
     (dict(timeout=0), "timeout must be a positive"),
+    # non-finite hyper-parameters, each named
+    (dict(rank=2, lr=math.inf), "lr must be finite, got inf"),
+    (dict(rank=2, eps=math.inf), "eps must be finite"),
+    (dict(rank=2, mu=math.inf), "mu must be finite"),
+    (dict(rank=2, mu=0.0), "mu must be > 0"),
+    (dict(rank=2, omega=math.nan), "omega must be in"),
+    (dict(rank=2, weight_decay=math.inf), "weight_decay must be finite"),
+    (dict(rank=2, betas=(0.9, math.nan)), r"betas\[1\] must be in"),
+    (dict(rank=2, betas=(0.9, 1.0)), r"betas\[1\] must be < 1"),
+    (dict(rank=2, clip=math.inf), "clip must be finite"),
+    (dict(rank=2, outer_lr=math.inf), "outer_lr must be finite"),
+    (dict(rank=2, outer_momentum=math.nan), "outer_momentum must be in"),
+    (dict(rank=2, timeout=math.inf), "timeout must be a positive finite"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         LoRDO(W.TinyNet().parameters(), **kw)
+
+
+def test_bad_param_group_hyper_parameter_is_named():
+    net = W.TinyNet()
+    groups = [dict(params=[net.w1, net.w2]), dict(params=[net.b], lr=math.inf)]
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\] must be finite"):
+        LoRDO(groups, rank=2)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        LoRDO(net.parameters(), rank=2, seed=1.5)
 
 
 def test_state_dict_weights_only_roundtrip(tmp_path):

@@ -6,9 +6,19 @@
     packed.nbytes                                    # exact message bytes
     mean = sparse_all_gather_mean(packed, stats=s)   # mean over ranks (per index for top-k)
     s.bytes_sent                                     # what this rank sent
+
+A failed, timed-out or mismatched collective raises ``CollectiveError`` (``CommError`` is
+the same class under its older name).
 """
 from .codecs import Codec, LowRankCodec, Packed, QuantCodec, TopKCodec
-from .collectives import HEADER_BYTES, CommError, CommStats, sparse_all_gather_mean
+from .collectives import (
+    DEFAULT_TIMEOUT_S,
+    HEADER_BYTES,
+    CollectiveError,
+    CommError,
+    CommStats,
+    sparse_all_gather_mean,
+)
 
 __all__ = [
     "Codec",
@@ -16,7 +26,9 @@ __all__ = [
     "TopKCodec",
     "QuantCodec",
     "LowRankCodec",
+    "CollectiveError",
     "CommError",
+    "DEFAULT_TIMEOUT_S",
     "CommStats",
     "HEADER_BYTES",
     "sparse_all_gather_mean",

@@ -1,12 +1,19 @@
-"""Collectives over ``torch.distributed`` for compressed tensors, and exact byte accounting.
+"""thresher's collectives over ``torch.distributed``: one error type, one default timeout,
+one way of waiting, used by ``thresher.comm`` and by every optimizer in ``thresher.optim``.
+
+Timeouts. Every collective is issued with ``async_op=True`` and waited for with
+``work.wait(timeout)``; a peer that died (connection reset) or never arrives turns into a
+:class:`CollectiveError` on the survivors that names the operation, the rank and the
+timeout, instead of a hang. ``DEFAULT_TIMEOUT_S`` (300 s) is the default everywhere.
+
+Dense collectives (``all_reduce_mean_``, ``broadcast_``) coalesce their tensors into one
+buffer per dtype, so a list of parameters costs one collective per dtype.
 
 ``sparse_all_gather_mean(packed, group=None, out=None, timeout=300.0, stats=None)``: every
-rank contributes its message; each rank decodes all of them and returns the mean. For a
-sparse codec (top-k) the mean at each index is over the ranks that sent that index
-(SparseLoCo's aggregation); for dense codecs it is over all ranks.
-
-Protocol (two all_gathers, each issued asynchronously and waited for with the timeout, so a
-dead or missing rank raises :class:`CommError` instead of hanging):
+rank contributes its compressed message; each rank decodes all of them and returns the mean.
+For a sparse codec (top-k) the mean at each index is over the ranks that sent that index
+(SparseLoCo's aggregation); for dense codecs it is over all ranks. Protocol (two
+all_gathers):
 
 1. a 16-byte header ``[payload bytes, fingerprint of (codec settings, shape)]`` -- every
    rank checks that all peers encoded the same thing the same way;
@@ -20,7 +27,9 @@ world of one (no collective is issued).
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,14 +37,156 @@ from torch import Tensor
 
 from .codecs import Packed
 
-__all__ = ["CommError", "CommStats", "sparse_all_gather_mean", "HEADER_BYTES"]
+__all__ = [
+    "CollectiveError",
+    "CommError",
+    "CommStats",
+    "DEFAULT_TIMEOUT_S",
+    "GroupInfo",
+    "HEADER_BYTES",
+    "all_gather",
+    "all_reduce_mean_",
+    "barrier",
+    "broadcast_",
+    "check_timeout",
+    "resolve_group",
+    "sparse_all_gather_mean",
+]
 
 HEADER_BYTES = 16
 DEFAULT_TIMEOUT_S = 300.0
 
 
-class CommError(RuntimeError):
-    """A collective failed or timed out (a peer died or never arrived), or peers disagree."""
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out (a peer rank died, or did not reach it in time), or
+    the peers sent messages that do not match."""
+
+
+#: The name ``thresher.comm`` used for the same error (one type, two names).
+CommError = CollectiveError
+
+
+def check_timeout(timeout) -> float:
+    """``timeout`` in seconds (None: ``DEFAULT_TIMEOUT_S``) as a positive finite float."""
+    if timeout is None:
+        return DEFAULT_TIMEOUT_S
+    if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+            or not 0 < timeout < math.inf):
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+class GroupInfo:
+    """The process group a caller talks to: ``rank``, ``world`` (1 when torch.distributed
+    is not initialised: a single process, no collective is issued) and the timeout."""
+
+    def __init__(self, group, rank: int, world: int, timeout_s: float):
+        self.group, self.rank, self.world, self.timeout_s = group, rank, world, timeout_s
+
+    @property
+    def timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.timeout_s)
+
+    @property
+    def device(self) -> torch.device:
+        """Where small control tensors (headers, fingerprints) live: NCCL only moves CUDA
+        tensors, the other backends take CPU ones."""
+        if self.world > 1 and "nccl" in str(dist.get_backend(self.group)).lower():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def resolve_group(process_group=None, timeout: float | None = None, *,
+                  arg: str = "process_group") -> GroupInfo:
+    """The group (None: the default one) with its rank, world size and checked timeout;
+    ``arg`` is the caller's name for the group argument (for the error message)."""
+    timeout = check_timeout(timeout)
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError(f"{arg} was given but torch.distributed is not initialised "
+                             "(call torch.distributed.init_process_group first)")
+        return GroupInfo(None, 0, 1, timeout)
+    return GroupInfo(process_group, dist.get_rank(process_group),
+                     dist.get_world_size(process_group), timeout)
+
+
+def _wait(work, what: str, info: GroupInfo) -> None:
+    try:
+        ok = work.wait(info.timeout)
+    except Exception as exc:  # gloo/nccl raise RuntimeError / DistBackendError on a dead peer
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CollectiveError(
+            f"thresher: {what} failed on rank {info.rank} of {info.world}: a peer rank died or "
+            f"did not reach the collective within the {info.timeout_s:g} s timeout "
+            f"({type(exc).__name__}: {first})") from exc
+    if ok is False:
+        raise CollectiveError(f"thresher: {what} did not complete on rank {info.rank} of "
+                              f"{info.world} within the {info.timeout_s:g} s timeout")
+
+
+def all_gather(t: Tensor, info: GroupInfo, what: str = "all_gather") -> list[Tensor]:
+    """Every rank's ``t`` (same shape and dtype on every rank), in rank order."""
+    if info.world == 1:
+        return [t]
+    bufs = [torch.empty_like(t) for _ in range(info.world)]
+    _wait(dist.all_gather(bufs, t.contiguous(), group=info.group, async_op=True), what, info)
+    return bufs
+
+
+def _coalesced(tensors: Sequence[Tensor], fn: Callable[[Tensor], None]) -> int:
+    """Runs ``fn`` on one flat buffer per dtype (dtypes in order of first appearance, the
+    same on every rank) and copies the result back; returns the buffers' bytes."""
+    tensors = [t for t in tensors if t.numel()]
+    total = 0
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in same])
+        fn(flat)
+        off = 0
+        for t in same:
+            n = t.numel()
+            t.copy_(flat[off:off + n].view_as(t))
+            off += n
+        total += flat.numel() * flat.element_size()
+    return total
+
+
+def all_reduce_mean_(tensors: Sequence[Tensor], info: GroupInfo, what: str = "all_reduce") -> int:
+    """Replaces every tensor by its mean over the ranks (one collective per dtype, each exact
+    in its own precision). Returns the payload bytes sent (0 for a world of one)."""
+    if info.world == 1:
+        return 0
+
+    def reduce(flat):
+        _wait(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=info.group, async_op=True),
+              f"{what} of {flat.numel() * flat.element_size()} bytes", info)
+        flat.div_(info.world)
+
+    return _coalesced(tensors, reduce)
+
+
+def broadcast_(tensors: Sequence[Tensor], info: GroupInfo, what: str = "broadcast") -> int:
+    """Overwrites every tensor with rank 0's (of the group; one collective per dtype).
+    Returns the payload bytes (0 for a world of one)."""
+    if info.world == 1:
+        return 0
+    src = 0 if info.group is None else dist.get_global_rank(info.group, 0)
+
+    def bcast(flat):
+        _wait(dist.broadcast(flat, src=src, group=info.group, async_op=True),
+              f"{what} of {flat.numel() * flat.element_size()} bytes", info)
+
+    return _coalesced(tensors, bcast)
+
+
+def barrier(info: GroupInfo, what: str = "barrier") -> None:
+    if info.world > 1:
+        _wait(dist.barrier(group=info.group, async_op=True), what, info)
+
+
+# ----------------------------------------------------------------------------------------
+# Compressed messages
+# ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -64,24 +215,6 @@ class CommStats:
         self.by_kind = dict(state["by_kind"])
 
 
-def _wait(work, what: str, rank: int, world: int, timeout_s: float) -> None:
-    try:
-        ok = work.wait(datetime.timedelta(seconds=timeout_s))
-    except Exception as exc:  # gloo/nccl raise on a dead peer or a timeout
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise CommError(f"thresher.comm: {what} failed on rank {rank} of {world}: a peer died or "
-                        f"did not arrive within {timeout_s:g} s ({type(exc).__name__}: {first})") from exc
-    if ok is False:
-        raise CommError(f"thresher.comm: {what} did not complete on rank {rank} of {world} "
-                        f"within {timeout_s:g} s")
-
-
-def _all_gather(t: Tensor, group, what, rank, world, timeout_s) -> list[Tensor]:
-    bufs = [torch.empty_like(t) for _ in range(world)]
-    _wait(dist.all_gather(bufs, t, group=group, async_op=True), what, rank, world, timeout_s)
-    return bufs
-
-
 def sparse_all_gather_mean(packed: Packed, group=None, out: Tensor | None = None,
                            timeout: float = DEFAULT_TIMEOUT_S,
                            stats: CommStats | None = None) -> Tensor:
@@ -90,27 +223,20 @@ def sparse_all_gather_mean(packed: Packed, group=None, out: Tensor | None = None
     ``out`` and returns it. Works (no collective) when torch.distributed is not initialised."""
     if not isinstance(packed, Packed):
         raise TypeError(f"packed must be a thresher.comm.Packed, got {type(packed).__name__}")
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    info = resolve_group(group, timeout, arg="group")
     codec = packed.codec
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise ValueError("group was given but torch.distributed is not initialised")
-        return codec.decode(packed, out=out)
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if world == 1:
+    if info.world == 1:
         return codec.decode(packed, out=out)
     dev = packed.data.device
     header = torch.tensor([packed.nbytes, codec.fingerprint(packed.shape)], dtype=torch.int64,
                           device=dev)
-    heads = _all_gather(header, group, "all_gather (header)", rank, world, timeout)
-    heads = torch.stack(heads).cpu()
+    heads = torch.stack(all_gather(header, info, "all_gather (header)")).cpu()
     if not bool((heads == heads[0]).all()):
-        raise CommError(f"thresher.comm: ranks encoded different things (payload bytes and "
-                        f"codec/shape fingerprints per rank: {heads.tolist()}); every rank must "
-                        f"use the same codec settings on the same tensor shape")
-    msgs = _all_gather(packed.data.contiguous(), group,
-                       f"all_gather of {packed.nbytes} payload bytes", rank, world, timeout)
+        raise CollectiveError(
+            f"thresher: ranks encoded different things (payload bytes and codec/shape "
+            f"fingerprints per rank: {heads.tolist()}); every rank must use the same codec "
+            f"settings on the same tensor shape")
+    msgs = all_gather(packed.data, info, f"all_gather of {packed.nbytes} payload bytes")
     if stats is not None:
         stats.record(HEADER_BYTES + packed.nbytes, "all_gather")
     n = packed.numel
@@ -121,7 +247,7 @@ def sparse_all_gather_mean(packed: Packed, group=None, out: Tensor | None = None
     if codec.sparse:
         mean = torch.where(count > 0, acc / count.clamp_min(1), torch.zeros_like(acc))
     else:
-        mean = acc / world
+        mean = acc / info.world
     if out is None:
         return mean.view(packed.shape).to(packed.dtype)
     if out.numel() != n:

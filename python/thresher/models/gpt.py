@@ -8,13 +8,11 @@ backend="auto")`` and ``sample_losses(input_ids, labels=None)``. The loss never 
 ``(B*T, V)`` logits in the default backends: it goes through the fused
 ``thresher.ops.linear_weighted_cross_entropy``.
 
-Why a ``backend="torch"`` loss exists. The fused op is an ``autograd.Function`` whose backward
-calls another custom op: it is differentiable *once* (the gradient it returns has no
-``grad_fn``) and it has no ``setup_context``, so ``torch.func`` transforms (``jvp``, ``vmap``)
-refuse it -- whatever its ``backend`` (``"reference"`` included, it is the same Function).
-BLISS needs Hessian-vector products (double backward) and forward-mode JVPs of the
-per-sample loss vector, so ``backend="torch"`` computes the same quantity with plain PyTorch
-ops (``F.cross_entropy``, which has double-backward and forward-AD formulas). It materialises
+Why ``backend="torch"``. The fused op is an ``autograd.Function``: double backward through it
+is exact (its backward recomputes through differentiable ops when ``create_graph=True``), but
+it has no ``setup_context``, so ``torch.func`` transforms (``jvp``, ``vmap``) refuse it. BLISS
+needs forward-mode JVPs of the per-sample loss vector, so ``backend="torch"`` selects the
+op's composable backend (plain PyTorch ops, the same weights and reductions). It materialises
 the logits, ``B*T*V*4`` bytes (64 x 128 x 4096 x 4 = 128 MiB), which is fine for a proxy.
 Attention in that path is forced onto SDPA's math kernel: the CPU flash kernel has neither a
 forward-AD formula nor a double backward.
@@ -39,10 +37,7 @@ __all__ = [
     "CausalLMLoss",
     "HFCausalLM",
     "load_hf_causal_lm",
-    "torch_linear_cross_entropy",
 ]
-
-REDUCTIONS = ("none", "sample", "sum", "mean")
 
 # name -> (d_model, n_layers, n_heads). Non-embedding parameters ~ 12 d^2 per layer
 # (4 d^2 attention + 3 d * d_ff SwiGLU with d_ff ~ 8/3 d): tiny 0.8M, small 10.6M, base 85M,
@@ -98,29 +93,6 @@ class GPTConfig:
 # ----------------------------------------------------------------------------------------
 
 
-def torch_linear_cross_entropy(hidden, lm_weight, target, *, bias=None, sample_weight=None,
-                               token_weight=None, ignore_index=-100, reduction="mean"):
-    """Plain-PyTorch twin of ``linear_weighted_cross_entropy`` (no label smoothing, no
-    z-loss): same weights and reductions, but twice differentiable and ``torch.func``
-    compatible (see the module docstring). Materialises the logits."""
-    check_choice("reduction", reduction, REDUCTIONS)
-    logits = F.linear(hidden, lm_weight, bias)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)).to(acc), target.reshape(-1),
-                          ignore_index=ignore_index, reduction="none").reshape(target.shape)
-    tw = (target != ignore_index).to(acc)
-    if token_weight is not None:
-        tw = tw * token_weight.to(acc)
-    if reduction == "sample":
-        per = (tok * tw).sum(-1) / tw.sum(-1).clamp_min(torch.finfo(acc).tiny)
-        return per if sample_weight is None else per * sample_weight.to(acc)
-    w = tw if sample_weight is None else tw * sample_weight.to(acc)[:, None]
-    if reduction == "none":
-        return tok * w
-    total = (tok * w).sum()
-    return total if reduction == "sum" else total / w.sum().clamp_min(torch.finfo(acc).tiny)
-
-
 def _math_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -137,8 +109,8 @@ class CausalLMLoss:
         """Predicts ``labels[:, 1:]`` from positions ``[:, :-1]`` (``labels`` defaults to
         ``input_ids``; -100 is ignored). ``token_weight`` is aligned with ``labels``,
         ``(B, T)`` (its first column, which no position predicts, is dropped), or already
-        shifted, ``(B, T-1)``. ``backend``: any of ``thresher.ops``' backends (the fused op),
-        or ``"torch"`` for the twice-differentiable, ``torch.func``-compatible loss."""
+        shifted, ``(B, T-1)``. ``backend``: any of ``thresher.ops``' backends; ``"torch"``
+        (the op's composable backend) for ``torch.func`` transforms."""
         check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64, torch.int32))
         if input_ids.size(1) < 2:
             raise ValueError(f"input_ids must have at least 2 positions, got shape "
@@ -156,13 +128,8 @@ class CausalLMLoss:
             elif tuple(token_weight.shape) != (B, T - 1):
                 raise ValueError(f"token_weight must have shape ({B}, {T}) or ({B}, {T - 1}), "
                                  f"got {tuple(token_weight.shape)}")
-        if backend == "torch":
-            with _math_attention():
-                hidden = self(input_ids)[:, :-1]
-            return torch_linear_cross_entropy(
-                hidden, self.lm_weight, target, bias=self.lm_bias, sample_weight=sample_weight,
-                token_weight=token_weight, reduction=reduction)
-        hidden = self(input_ids)[:, :-1]
+        with _math_attention() if backend == "torch" else contextlib.nullcontext():
+            hidden = self(input_ids)[:, :-1]
         return linear_weighted_cross_entropy(
             hidden, self.lm_weight, target.contiguous(), bias=self.lm_bias,
             sample_weight=sample_weight,

@@ -16,7 +16,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "cuda")
+# "torch": composed of plain differentiable PyTorch ops (twice differentiable, torch.func
+# compatible; materialises full-size intermediates) -- only ops that declare it have it.
+BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "cuda", "torch")
 
 
 class BackendUnavailableError(RuntimeError):

@@ -4,12 +4,14 @@ Public API (exported from ``thresher.ops`` and ``thresher``)::
 
     weighted_cross_entropy(logits, target, *, sample_weight=None, token_weight=None,
         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-        overwrite_logits=False, backend="auto")
+        softcap=None, overwrite_logits=False, backend="auto")
     linear_weighted_cross_entropy(hidden, lm_weight, target, *, bias=None, sample_weight=None,
         token_weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-        z_loss=0.0, chunk_size=None, backend="auto")
+        z_loss=0.0, softcap=None, chunk_size=None, backend="auto")
 
-Per token t with logits x (vocab V), lse = logsumexp(x), smoothing eps and z-loss zl::
+Per token t with logits x (vocab V; soft-capped first when ``softcap=c`` is given:
+x <- c tanh(x / c), after the LM head's bias, as Gemma 2/3 do), lse = logsumexp(x),
+smoothing eps and z-loss zl::
 
     l_t = (1 - eps) (lse - x_y) + eps (lse - mean_j x_j) + zl lse^2     (0 where ignored)
 
@@ -37,7 +39,10 @@ computes the gradient in the same sweep that computes the loss -- one read of th
 one write of the gradient for forward+backward -- and the backward only scales it by the
 upstream scalar (skipped when it is 1). For ``"none"``/``"sample"`` the upstream gradient is
 per row and is folded into ``coef`` of a recomputing backward. Under ``torch.compile`` the
-graph is kept functional: forward and backward are separate custom ops.
+graph is kept functional: forward and backward are separate custom ops. A backward run with
+grad mode on (``create_graph=True``) ignores the fused gradient and recomputes it through
+differentiable PyTorch ops, so double backward is exact whichever backend ran the forward;
+``backend="torch"`` builds the whole loss from such ops (for ``torch.func``).
 
 ``overwrite_logits=True`` (``"sum"``/``"mean"`` only, the Liger-Kernel convention) writes that
 gradient over the logits instead of into a new buffer. For N=4096, V=32000 fp32 the new buffer
@@ -101,11 +106,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------
 
 
-def reference_cross_entropy_rows(x, target, coef, ignore_index, eps, zl, lse=None):
+def _softcap(xf, cap):
+    return xf if not cap else cap * torch.tanh(xf / cap)
+
+
+def reference_cross_entropy_rows(x, target, coef, ignore_index, eps, zl, sc=0.0, lse=None):
     """Reference row kernel. Returns ``(loss, lse, grad)``; ``grad`` is None unless ``coef``
-    is given. Passing ``lse`` skips its computation (the backward)."""
+    is given. Passing ``lse`` skips its computation (the backward). ``sc``: soft-cap (0 off).
+    Plain differentiable PyTorch ops throughout (the double-backward path uses it)."""
     acc = _acc_dtype(x.dtype)
-    xf = x.to(acc)
+    xf = _softcap(x.to(acc), sc)
     valid = target != ignore_index
     tgt = torch.where(valid, target, torch.zeros_like(target))
     if lse is None:
@@ -121,19 +131,21 @@ def reference_cross_entropy_rows(x, target, coef, ignore_index, eps, zl, lse=Non
         g = torch.exp(xf - lse[:, None]) * (1 + 2 * zl * lse)[:, None] - eps / x.size(-1)
         g.scatter_add_(1, tgt[:, None], torch.full_like(x_t, -(1 - eps))[:, None])
         g = torch.where(valid[:, None], g * coef.to(acc)[:, None], torch.zeros_like(g))
+        if sc:
+            g = g * (1 - (xf / sc) ** 2)
         grad = g.to(x.dtype)
     return loss, lse, grad
 
 
-def _reference_fwd(x, target, coef, grad_out, ii, eps, zl):
-    loss, lse, grad = reference_cross_entropy_rows(x, target, coef, ii, eps, zl)
+def _reference_fwd(x, target, coef, grad_out, ii, eps, zl, sc):
+    loss, lse, grad = reference_cross_entropy_rows(x, target, coef, ii, eps, zl, sc)
     if grad is not None:
         grad_out.copy_(grad)
     return loss, lse
 
 
-def _reference_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
-    _, _, grad = reference_cross_entropy_rows(x, target, coef, ii, eps, zl, lse=lse)
+def _reference_bwd(x, target, lse, coef, grad_out, ii, eps, zl, sc):
+    _, _, grad = reference_cross_entropy_rows(x, target, coef, ii, eps, zl, sc, lse=lse)
     grad_out.copy_(grad)
 
 
@@ -147,7 +159,7 @@ def _native_kernels(ext, last_arg):
     take raw pointers, strides and a dtype code; the CPU one ends with a thread count, the
     CUDA one with the current stream (``last_arg(x)``)."""
 
-    def fwd(x, target, coef, grad_out, ii, eps, zl):
+    def fwd(x, target, coef, grad_out, ii, eps, zl, sc):
         acc = _acc_dtype(x.dtype)
         n, v = x.shape
         loss = torch.empty(n, dtype=acc, device=x.device)
@@ -157,18 +169,18 @@ def _native_kernels(ext, last_arg):
             ext().ce_forward(
                 x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype],
                 target.data_ptr(), lse.data_ptr(), loss.data_ptr(), _native.ptr(grad),
-                grad.stride(0) if grad is not None else 0, _native.ptr(coef), ii, eps, zl,
+                grad.stride(0) if grad is not None else 0, _native.ptr(coef), ii, eps, zl, sc,
                 last_arg(x),
             )
         return loss, lse
 
-    def bwd(x, target, lse, coef, grad_out, ii, eps, zl):
+    def bwd(x, target, lse, coef, grad_out, ii, eps, zl, sc):
         n, v = x.shape
         if n:
             ext().ce_backward(
                 x.data_ptr(), n, v, x.stride(0), _native.DTYPE_CODES[x.dtype],
                 target.data_ptr(), lse.data_ptr(), coef.data_ptr(), grad_out.data_ptr(),
-                grad_out.stride(0), ii, eps, zl, last_arg(x),
+                grad_out.stride(0), ii, eps, zl, sc, last_arg(x),
             )
 
     return fwd, bwd
@@ -178,21 +190,22 @@ def _triton_module():
     return triton_module("cross_entropy")
 
 
-def _triton_fwd(x, target, coef, grad_out, ii, eps, zl):
+def _triton_fwd(x, target, coef, grad_out, ii, eps, zl, sc):
     n = x.size(0)
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
     if n:
         with on_device(x):
             _triton_module().ce_forward(x, target, lse, loss,
-                                        grad_out if coef is not None else None, coef, ii, eps, zl)
+                                        grad_out if coef is not None else None, coef, ii, eps, zl,
+                                        sc)
     return loss, lse
 
 
-def _triton_bwd(x, target, lse, coef, grad_out, ii, eps, zl):
+def _triton_bwd(x, target, lse, coef, grad_out, ii, eps, zl, sc):
     if x.size(0):
         with on_device(x):
-            _triton_module().ce_backward(x, target, lse, coef, grad_out, ii, eps, zl)
+            _triton_module().ce_backward(x, target, lse, coef, grad_out, ii, eps, zl, sc)
 
 
 def _vocab_limit(vocab: int = 1, **_) -> str | None:
@@ -214,6 +227,9 @@ DISPATCH = Dispatcher(
         BackendSpec("cpu", ("cpu",), FLOAT_DTYPES, extension_available("_C"), _vocab_limit,
                     on_skip=lambda: _native.warn_missing_once("_C")),
         BackendSpec("reference", ("cpu", "cuda"), FLOAT_DTYPES),
+        # Never chosen by "auto": the composable path (see _composite_ce), for
+        # torch.func transforms and higher-order autograd through every intermediate.
+        BackendSpec("torch", ("cpu", "cuda"), FLOAT_DTYPES, auto_devices=()),
     ],
 )
 
@@ -225,16 +241,17 @@ DISPATCH = Dispatcher(
 
 @torch.library.custom_op("thresher::weighted_ce_fwd", mutates_args=())
 def _ce_fwd_op(logits: Tensor, target: Tensor, grad_coef: Optional[Tensor], ignore_index: int,
-               label_smoothing: float, z_loss: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+               label_smoothing: float, z_loss: float, softcap: float, backend: str
+               ) -> tuple[Tensor, Tensor, Tensor]:
     fwd, _ = _KERNELS[backend]
     grad = logits.new_empty(logits.shape) if grad_coef is not None else logits.new_empty(0)
     loss, lse = fwd(logits, target, grad_coef, grad if grad_coef is not None else None,
-                    ignore_index, label_smoothing, z_loss)
+                    ignore_index, label_smoothing, z_loss, softcap)
     return loss, lse, grad
 
 
 @_ce_fwd_op.register_fake
-def _(logits, target, grad_coef, ignore_index, label_smoothing, z_loss, backend):
+def _(logits, target, grad_coef, ignore_index, label_smoothing, z_loss, softcap, backend):
     acc = _acc_dtype(logits.dtype)
     n = logits.size(0)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_coef is not None \
@@ -244,15 +261,15 @@ def _(logits, target, grad_coef, ignore_index, label_smoothing, z_loss, backend)
 
 @torch.library.custom_op("thresher::weighted_ce_fwd_overwrite", mutates_args=("logits",))
 def _ce_fwd_overwrite_op(logits: Tensor, target: Tensor, grad_coef: Tensor, ignore_index: int,
-                         label_smoothing: float, z_loss: float, backend: str
+                         label_smoothing: float, z_loss: float, softcap: float, backend: str
                          ) -> tuple[Tensor, Tensor]:
     """The fused forward with the gradient written over ``logits`` (overwrite_logits=True)."""
     fwd, _ = _KERNELS[backend]
-    return fwd(logits, target, grad_coef, logits, ignore_index, label_smoothing, z_loss)
+    return fwd(logits, target, grad_coef, logits, ignore_index, label_smoothing, z_loss, softcap)
 
 
 @_ce_fwd_overwrite_op.register_fake
-def _(logits, target, grad_coef, ignore_index, label_smoothing, z_loss, backend):
+def _(logits, target, grad_coef, ignore_index, label_smoothing, z_loss, softcap, backend):
     acc = _acc_dtype(logits.dtype)
     n = logits.size(0)
     return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc)
@@ -260,15 +277,15 @@ def _(logits, target, grad_coef, ignore_index, label_smoothing, z_loss, backend)
 
 @torch.library.custom_op("thresher::weighted_ce_bwd", mutates_args=())
 def _ce_bwd_op(logits: Tensor, target: Tensor, lse: Tensor, grad_coef: Tensor, ignore_index: int,
-               label_smoothing: float, z_loss: float, backend: str) -> Tensor:
+               label_smoothing: float, z_loss: float, softcap: float, backend: str) -> Tensor:
     _, bwd = _KERNELS[backend]
     grad = logits.new_empty(logits.shape)
-    bwd(logits, target, lse, grad_coef, grad, ignore_index, label_smoothing, z_loss)
+    bwd(logits, target, lse, grad_coef, grad, ignore_index, label_smoothing, z_loss, softcap)
     return grad
 
 
 @_ce_bwd_op.register_fake
-def _(logits, target, lse, grad_coef, ignore_index, label_smoothing, z_loss, backend):
+def _(logits, target, lse, grad_coef, ignore_index, label_smoothing, z_loss, softcap, backend):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -279,11 +296,12 @@ def _linear_chunks(n: int, chunk: int):
 
 def _linear_logits(hidden_chunk, weight, bias, buf):
     """Logits of one chunk written into the reused (chunk_size, V) buffer ``buf``: one
-    allocation (and one round of page faults) per call instead of one per chunk."""
-    z = torch.mm(hidden_chunk, weight.t(), out=buf[: hidden_chunk.size(0)])
-    if bias is not None:
-        z += bias
-    return z
+    allocation (and one round of page faults) per call instead of one per chunk. The bias is
+    added inside the GEMM (addmm): for 16-bit logits, ``mm`` then ``+= bias`` would round twice."""
+    out = buf[: hidden_chunk.size(0)]
+    if bias is None:
+        return torch.mm(hidden_chunk, weight.t(), out=out)
+    return torch.addmm(bias, hidden_chunk, weight.t(), out=out)
 
 
 def _chunk_buffer(hidden, weight, chunk_size):
@@ -316,8 +334,8 @@ def _linear_grad_buffers(hidden, weight, bias, needs):
 @torch.library.custom_op("thresher::linear_weighted_ce_fwd", mutates_args=())
 def _linear_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                    grad_coef: Optional[Tensor], needs: list[bool], ignore_index: int,
-                   label_smoothing: float, z_loss: float, chunk_size: int, backend: str
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Chunked over tokens: only a (chunk_size, V) logits buffer ever exists. With grad_coef
     the kernel overwrites that buffer with dL/dlogits and two GEMMs turn it into the
     hidden/weight gradients before the next chunk; without it (no_grad) nothing is kept."""
@@ -334,7 +352,7 @@ def _linear_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
         z = _linear_logits(h, weight, bias, buf)
         c = grad_coef[s:e] if grad_coef is not None else None
         loss[s:e], lse[s:e] = fwd(z, target[s:e], c, z if c is not None else None,
-                                  ignore_index, label_smoothing, z_loss)
+                                  ignore_index, label_smoothing, z_loss, softcap)
         if c is not None:
             _linear_grads(z, h, weight, s, e, gh, gw, gb, needs)
     return loss, lse, gh, gw, gb
@@ -342,7 +360,7 @@ def _linear_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
 
 @_linear_fwd_op.register_fake
 def _(hidden, weight, bias, target, grad_coef, needs, ignore_index, label_smoothing, z_loss,
-      chunk_size, backend):
+      softcap, chunk_size, backend):
     acc = _acc_dtype(hidden.dtype)
     n = hidden.size(0)
     grads = _linear_grad_buffers(hidden, weight, bias, needs) if grad_coef is not None \
@@ -353,8 +371,8 @@ def _(hidden, weight, bias, target, grad_coef, needs, ignore_index, label_smooth
 @torch.library.custom_op("thresher::linear_weighted_ce_bwd", mutates_args=())
 def _linear_bwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                    lse: Tensor, grad_coef: Tensor, needs: list[bool], ignore_index: int,
-                   label_smoothing: float, z_loss: float, chunk_size: int, backend: str
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Recomputes each logits chunk, turns it into dL/dlogits in place from the saved lse
     (no second log-sum-exp) and accumulates the three gradients."""
     _, bwd = _KERNELS[backend]
@@ -363,14 +381,15 @@ def _linear_bwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
     for s, e in _linear_chunks(hidden.size(0), chunk_size):
         h = hidden[s:e]
         z = _linear_logits(h, weight, bias, buf)
-        bwd(z, target[s:e], lse[s:e], grad_coef[s:e], z, ignore_index, label_smoothing, z_loss)
+        bwd(z, target[s:e], lse[s:e], grad_coef[s:e], z, ignore_index, label_smoothing, z_loss,
+            softcap)
         _linear_grads(z, h, weight, s, e, gh, gw, gb, needs)
     return gh, gw, gb
 
 
 @_linear_bwd_op.register_fake
 def _(hidden, weight, bias, target, lse, grad_coef, needs, ignore_index, label_smoothing, z_loss,
-      chunk_size, backend):
+      softcap, chunk_size, backend):
     return _linear_grad_buffers(hidden, weight, bias, needs)
 
 
@@ -379,10 +398,46 @@ def _(hidden, weight, bias, target, lse, grad_coef, needs, ignore_index, label_s
 # ----------------------------------------------------------------------------------------
 
 
-def _upstream_is_one(g: Tensor) -> bool:
-    # Only on the CPU, where reading a scalar costs nothing; on a GPU it would sync, and
-    # scaling the gradient in place there is cheap next to the forward.
-    return g.device.type == "cpu" and g.numel() == 1 and float(g) == 1.0
+def _composite_ce(logits, target, coef, scalar, fuse, ii, eps, zl, sc, backend, overwrite=False):
+    """``backend="torch"``: the same contract as ``_WeightedCE.apply`` from plain PyTorch ops,
+    so every autograd order and ``torch.func`` (jvp, vmap, grad of grad) works through it."""
+    loss, _, _ = reference_cross_entropy_rows(logits, target, None, ii, eps, zl, sc)
+    return (loss * coef).sum() if scalar else loss
+
+
+def _composite_linear_ce(hidden, weight, bias, target, coef, scalar, fuse, ii, eps, zl, sc, chunk,
+                         backend):
+    """``backend="torch"`` for the fused linear op: materialises the (N, V) logits."""
+    return _composite_ce(torch.nn.functional.linear(hidden, weight, bias), target, coef, scalar,
+                         fuse, ii, eps, zl, sc, backend)
+
+
+def _differentiable_grad(logits, target, row_coef, ii, eps, zl, sc):
+    """dL/dlogits from differentiable PyTorch ops (a backward run with create_graph=True):
+    the result has a grad_fn through logits and the upstream, so double backward is exact
+    whatever backend ran the forward."""
+    _, _, grad = reference_cross_entropy_rows(logits, target, row_coef, ii, eps, zl, sc)
+    return grad
+
+
+def _upstream_is_one(g: Tensor, dtype: torch.dtype) -> bool:
+    # On the CPU reading a scalar costs nothing. On a GPU it syncs, so for fp32/fp64 (where
+    # scaling the fused gradient in place rounds once more at fp32 precision) it is skipped.
+    # A 16-bit fused gradient scaled in place would be rounded twice, so there the scalar is
+    # read on any device and an upstream other than 1 recomputes instead (_reuse_fused).
+    if g.numel() != 1 or (g.device.type != "cpu" and dtype not in (torch.bfloat16, torch.float16)):
+        return False
+    return float(g) == 1.0
+
+
+def _reuse_fused(g: Tensor, dtype: torch.dtype, can_recompute: bool) -> bool | None:
+    """True: the fused gradient is final; False: scale it by ``g`` in place; None: recompute
+    (a 16-bit gradient times an upstream other than 1 would be rounded twice)."""
+    if _upstream_is_one(g, dtype):
+        return True
+    if dtype in (torch.bfloat16, torch.float16) and can_recompute:
+        return None
+    return False
 
 
 def _take_fused(ctx):
@@ -397,69 +452,81 @@ class _WeightedCE(torch.autograd.Function):
     forward (``fuse``); ``scalar=False``: returns the per-token losses ``l``."""
 
     @staticmethod
-    def forward(ctx, logits, target, coef, scalar, fuse, ii, eps, zl, backend, overwrite=False):
+    def forward(ctx, logits, target, coef, scalar, fuse, ii, eps, zl, sc, backend, overwrite=False):
         if fuse and overwrite:
-            loss, lse = _ce_fwd_overwrite_op(logits, target, coef, ii, eps, zl, backend)
+            loss, lse = _ce_fwd_overwrite_op(logits, target, coef, ii, eps, zl, sc, backend)
             # The logits are the gradient now: bump their version so any graph that saved
             # them fails loudly, and keep nothing that a recompute would need.
             torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(None, target, lse, coef)
             ctx.fused = logits
         else:
-            loss, lse, grad = _ce_fwd_op(logits, target, coef if fuse else None, ii, eps, zl,
+            loss, lse, grad = _ce_fwd_op(logits, target, coef if fuse else None, ii, eps, zl, sc,
                                          backend)
             ctx.save_for_backward(logits, target, lse, coef)
             ctx.fused = grad if fuse else None
-        ctx.cfg = (scalar, ii, eps, zl, backend)
+        ctx.cfg = (scalar, ii, eps, zl, sc, backend)
         return (loss * coef).sum() if scalar else loss
 
     @staticmethod
     def backward(ctx, g):
         logits, target, lse, coef = ctx.saved_tensors
-        scalar, ii, eps, zl, backend = ctx.cfg
+        scalar, ii, eps, zl, sc, backend = ctx.cfg
         fused = _take_fused(ctx)
-        if fused is None and logits is None:
+        if logits is None and (fused is None or torch.is_grad_enabled()):
             raise RuntimeError(
                 "weighted_cross_entropy(overwrite_logits=True) wrote the gradient over the "
-                "logits, so backward can run only once through it (retain_graph is not "
-                "supported); use overwrite_logits=False to backpropagate twice")
-        if fused is not None:
-            grad = fused if _upstream_is_one(g) else fused.mul_(g.to(fused.dtype))
+                "logits, so backward can run only once through it and not with "
+                "create_graph=True; use overwrite_logits=False to backpropagate twice")
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable recompute
+            grad = _differentiable_grad(logits, target, coef * g if scalar else g, ii, eps, zl, sc)
+        elif fused is not None and (use := _reuse_fused(g, fused.dtype, logits is not None)) \
+                is not None:
+            grad = fused if use else fused.mul_(g.to(fused.dtype))
         else:
             row_coef = (coef * g if scalar else g).to(lse.dtype).contiguous()
-            grad = _ce_bwd_op(logits, target, lse, row_coef, ii, eps, zl, backend)
-        return grad, None, None, None, None, None, None, None, None, None
+            grad = _ce_bwd_op(logits, target, lse, row_coef, ii, eps, zl, sc, backend)
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 class _LinearWeightedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, coef, scalar, fuse, ii, eps, zl, chunk, backend):
+    def forward(ctx, hidden, weight, bias, target, coef, scalar, fuse, ii, eps, zl, sc, chunk,
+                backend):
         needs = list(ctx.needs_input_grad[:3])
         loss, lse, gh, gw, gb = _linear_fwd_op(hidden, weight, bias, target,
-                                               coef if fuse else None, needs, ii, eps, zl,
+                                               coef if fuse else None, needs, ii, eps, zl, sc,
                                                chunk, backend)
         ctx.save_for_backward(hidden, weight, bias, target, lse, coef)
         ctx.fused = (gh, gw, gb) if fuse else None
-        ctx.cfg = (scalar, needs, ii, eps, zl, chunk, backend)
+        ctx.cfg = (scalar, needs, ii, eps, zl, sc, chunk, backend)
         return (loss * coef).sum() if scalar else loss
 
     @staticmethod
     def backward(ctx, g):
         hidden, weight, bias, target, lse, coef = ctx.saved_tensors
-        scalar, needs, ii, eps, zl, chunk, backend = ctx.cfg
+        scalar, needs, ii, eps, zl, sc, chunk, backend = ctx.cfg
         fused = _take_fused(ctx)
-        if fused is not None:
-            if not _upstream_is_one(g):
+        if torch.is_grad_enabled():  # create_graph=True: differentiable, materialises (N, V)
+            z = torch.nn.functional.linear(hidden, weight, bias)
+            gz = _differentiable_grad(z, target, coef * g if scalar else g, ii, eps, zl, sc)
+            gh = gz @ weight if needs[0] else None
+            gw = gz.t() @ hidden if needs[1] else None
+            gb = gz.sum(0) if needs[2] and bias is not None else None
+            return gh, gw, gb, None, None, None, None, None, None, None, None, None, None
+        use = None if fused is None else _reuse_fused(g, hidden.dtype, True)
+        if use is not None:
+            if not use:
                 fused = tuple(t.mul_(g.to(t.dtype)) for t in fused)
             gh, gw, gb = fused
         else:
             row_coef = (coef * g if scalar else g).to(lse.dtype).contiguous()
             gh, gw, gb = _linear_bwd_op(hidden, weight, bias, target, lse, row_coef, needs,
-                                        ii, eps, zl, chunk, backend)
+                                        ii, eps, zl, sc, chunk, backend)
         gh = gh if needs[0] else None
         gw = gw.to(weight.dtype) if needs[1] else None
         gb = gb.to(bias.dtype) if needs[2] and bias is not None else None
-        return gh, gw, gb, None, None, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -468,8 +535,12 @@ class _LinearWeightedCE(torch.autograd.Function):
 
 
 def _check_common(target, lead_shape, device, vocab, sample_weight, token_weight, ignore_index,
-                  reduction, label_smoothing, z_loss):
+                  reduction, label_smoothing, z_loss, softcap):
     check_choice("reduction", reduction, REDUCTIONS)
+    if softcap is not None:
+        check_range("softcap", softcap, 0.0, math.inf)
+        if softcap == math.inf:
+            raise ValueError("softcap must be finite (None or 0 turns it off), got inf")
     check_range("label_smoothing", label_smoothing, 0.0, 1.0)
     check_range("z_loss", z_loss, 0.0, math.inf)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -507,21 +578,35 @@ def _weights(target2, sample_weight, token_weight, ignore_index, acc):
     return w, tw
 
 
+def _normalised(w, dim=None):
+    """``w / w.sum(dim)`` (0 where every weight is 0) without overflow or underflow: scaled by
+    the largest weight first, so the sum is in [1, n] (a float32 sum of weights >= 3.4e38 is
+    inf, one of subnormal weights loses their digits)."""
+    if w.numel() == 0:
+        return w
+    kw = {} if dim is None else dict(dim=dim, keepdim=True)
+    m = w.amax(**kw)
+    ws = w / torch.where(m > 0, m, torch.ones_like(m))
+    return ws / ws.sum(**kw).clamp_min(1.0)  # the sum is >= 1 unless every weight is 0
+
+
 def _run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, reduction,
          needs_grad, acc, make_args):
     """Applies the reduction around ``fn`` (a _WeightedCE / _LinearWeightedCE apply)."""
     w, tw = _weights(target2, sample_weight, token_weight, ignore_index, acc)
+    dummy = w.new_ones(())  # unused coefficient in the per-token mode
     if reduction in ("sum", "mean"):
         coef = w.reshape(-1)
         if reduction == "mean":
-            coef = coef / coef.sum().clamp_min(torch.finfo(acc).tiny)
+            coef = _normalised(coef)
+        if coef.requires_grad:  # differentiable weights: the weighting stays outside the op
+            return (fn(*make_args(dummy, False, False)) * coef).sum()
         fuse = needs_grad and not torch.compiler.is_compiling()
         return fn(*make_args(coef.contiguous(), True, fuse))
-    dummy = w.new_ones(())  # unused coefficient in the per-token mode
     loss = fn(*make_args(dummy, False, False)).reshape(tw.shape)
     if reduction == "none":
         return (loss * w).reshape(target_shape)
-    per_seq = (loss * tw).sum(1) / tw.sum(1).clamp_min(torch.finfo(acc).tiny)
+    per_seq = (loss * _normalised(tw, 1)).sum(1)
     return per_seq if sample_weight is None else per_seq * sample_weight.to(acc)
 
 
@@ -540,16 +625,18 @@ def weighted_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
     overwrite_logits: bool = False,
     backend: str = "auto",
 ) -> Tensor:
     """Weighted cross-entropy of ``logits (B, T, V)`` or ``(N, V)`` against ``target`` (the
     leading shape). See the module docstring for the weights and reductions, and for
-    ``overwrite_logits`` (write the gradient over the logits: faster, destroys them)."""
+    ``overwrite_logits`` (write the gradient over the logits: faster, destroys them).
+    ``softcap``: logits <- softcap * tanh(logits / softcap) first (Gemma 2/3); None/0: off."""
     check_tensor("logits", logits, ndim=(2, 3), dtypes=FLOAT_DTYPES)
     vocab = logits.size(-1)
     _check_common(target, tuple(logits.shape[:-1]), logits.device, vocab, sample_weight,
-                  token_weight, ignore_index, reduction, label_smoothing, z_loss)
+                  token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     if not isinstance(overwrite_logits, bool):
         raise TypeError(f"overwrite_logits must be a bool, got {type(overwrite_logits).__name__}")
     if overwrite_logits and reduction not in ("sum", "mean"):
@@ -560,11 +647,11 @@ def weighted_cross_entropy(
     target2, tflat = _as_2d_target(target)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     return _run(
-        _WeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
+        _composite_ce if name == "torch" else _WeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
         reduction, needs_grad, _acc_dtype(logits.dtype),
         lambda coef, scalar, fuse: (x, tflat, coef, scalar, fuse, ignore_index,
-                                    float(label_smoothing), float(z_loss), name,
-                                    overwrite_logits),
+                                    float(label_smoothing), float(z_loss), float(softcap or 0.0),
+                                    name, overwrite_logits),
     )
 
 
@@ -580,13 +667,15 @@ def linear_weighted_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """``weighted_cross_entropy(hidden @ lm_weight.T + bias, target, ...)`` without ever
     materialising the ``(N, V)`` logits: peak extra memory is one ``(chunk_size, V)``
     buffer (default: about 128 MiB worth of rows, see ``LINEAR_CHUNK_BYTES``) plus an fp32
-    ``lm_weight``-sized gradient accumulator. Under ``torch.no_grad()`` nothing is kept."""
+    ``lm_weight``-sized gradient accumulator. Under ``torch.no_grad()`` nothing is kept.
+    ``softcap`` is applied after the bias, as in :func:`weighted_cross_entropy`."""
     check_tensor("hidden", hidden, ndim=(2, 3), dtypes=FLOAT_DTYPES)
     H = hidden.size(-1)
     check_tensor("lm_weight", lm_weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device,
@@ -595,7 +684,7 @@ def linear_weighted_cross_entropy(
     if bias is not None:
         check_tensor("bias", bias, dtypes=(hidden.dtype,), device=hidden.device, shape=(vocab,))
     _check_common(target, tuple(hidden.shape[:-1]), hidden.device, vocab, sample_weight,
-                  token_weight, ignore_index, reduction, label_smoothing, z_loss)
+                  token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     n = hidden.numel() // max(H, 1)
     if chunk_size is None:
         chunk_size = LINEAR_CHUNK_BYTES // max(1, vocab * hidden.element_size())
@@ -611,10 +700,11 @@ def linear_weighted_cross_entropy(
         hidden.requires_grad or lm_weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     return _run(
-        _LinearWeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
+        _composite_linear_ce if name == "torch" else _LinearWeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
         reduction, needs_grad, _acc_dtype(hidden.dtype),
         lambda coef, scalar, fuse: (h2, w, bias, tflat, coef, scalar, fuse, ignore_index,
-                                    float(label_smoothing), float(z_loss), chunk_size, name),
+                                    float(label_smoothing), float(z_loss), float(softcap or 0.0),
+                                    chunk_size, name),
     )
 
 
@@ -622,24 +712,25 @@ class WeightedCrossEntropyLoss(torch.nn.Module):
     """Module form of :func:`weighted_cross_entropy` (configuration only, no parameters)."""
 
     def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 overwrite_logits=False, backend="auto"):
+                 softcap=None, overwrite_logits=False, backend="auto"):
         super().__init__()
         check_choice("reduction", reduction, REDUCTIONS)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.z_loss, self.backend = label_smoothing, z_loss, backend
+        self.softcap = softcap
         self.overwrite_logits = overwrite_logits
 
     def forward(self, logits, target, sample_weight=None, token_weight=None):
         return weighted_cross_entropy(
             logits, target, sample_weight=sample_weight, token_weight=token_weight,
             ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
             overwrite_logits=self.overwrite_logits, backend=self.backend)
 
     def extra_repr(self):
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-                f"overwrite_logits={self.overwrite_logits}, backend={self.backend!r}")
+                f"softcap={self.softcap}, overwrite_logits={self.overwrite_logits}, backend={self.backend!r}")
 
 
 class LinearWeightedCrossEntropyLoss(torch.nn.Module):
@@ -647,20 +738,21 @@ class LinearWeightedCrossEntropyLoss(torch.nn.Module):
     (and bias) at call time so it can sit behind any model's final hidden states."""
 
     def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 chunk_size=None, backend="auto"):
+                 softcap=None, chunk_size=None, backend="auto"):
         super().__init__()
         check_choice("reduction", reduction, REDUCTIONS)
         self.ignore_index, self.reduction = ignore_index, reduction
-        self.label_smoothing, self.z_loss = label_smoothing, z_loss
+        self.label_smoothing, self.z_loss, self.softcap = label_smoothing, z_loss, softcap
         self.chunk_size, self.backend = chunk_size, backend
 
     def forward(self, hidden, lm_weight, target, bias=None, sample_weight=None, token_weight=None):
         return linear_weighted_cross_entropy(
             hidden, lm_weight, target, bias=bias, sample_weight=sample_weight,
             token_weight=token_weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, chunk_size=self.chunk_size,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            chunk_size=self.chunk_size,
             backend=self.backend)
 
     def extra_repr(self):
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-                f"chunk_size={self.chunk_size}, backend={self.backend!r}")
+                f"softcap={self.softcap}, chunk_size={self.chunk_size}, backend={self.backend!r}")

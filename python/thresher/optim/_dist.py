@@ -1,120 +1,69 @@
 """Shared machinery of the distributed optimizers (LoRDO, DDPAdamW, LowRankDDP, DiLoCo,
-SparseLoCo): the process group and its timeout, collectives that cannot hang, exact byte
-accounting, the AdamW arithmetic every method reuses, and checkpoint helpers.
+SparseLoCo): the process group, the construction-time agreement of the ranks, exact byte
+accounting, the AdamW arithmetic every method reuses, hyper-parameter checks and checkpoint
+helpers. The collectives themselves (timeouts, :class:`CollectiveError`) are
+``thresher.comm.collectives``'s, shared with the compressed messages.
 
 Byte accounting. ``opt.comm_bytes`` is the *payload one rank contributes* to the collectives
-it issued, summed over the run: ``numel * element_size`` for an all-reduce of a dense buffer
-(a ring all-reduce moves ``2 (M-1)/M`` times that over the wire; the payload is the
-topology-free number the papers compare); compressed messages are counted by
+it issued while stepping, summed over the run: ``numel * element_size`` for an all-reduce of
+a dense buffer (a ring all-reduce moves ``2 (M-1)/M`` times that over the wire; the payload
+is the topology-free number the papers compare); compressed messages are counted by
 ``thresher.comm`` (the packed bytes + a 16-byte header per tensor). Nothing is counted when
-the world has one rank, because no collective is issued.
+the world has one rank, because no collective is issued. The one-off construction traffic
+(the agreement check and the broadcast of the initial parameters) is not counted.
 
-Timeouts. Every collective is issued with ``async_op=True`` and waited for with
-``work.wait(timeout)``; a peer that died (connection reset) or never arrives turns into a
-:class:`CollectiveError` on the survivors that names the operation, the rank and the timeout,
-instead of a hang (``thresher.comm``'s compressed collectives raise its ``CommError``).
+Agreement (at construction, world > 1). Every optimizer describes itself -- its class, its
+settings, every param group's hyper-parameters, and each parameter's shape and dtype -- and
+the ranks all_gather a 63-bit hash of that description (16 bytes per rank). If the hashes
+differ, the descriptions are gathered and every rank raises the same ValueError naming what
+differs and each rank's value; otherwise rank 0's parameters are broadcast to every rank, as
+torch's DistributedDataParallel does, so different seeds cannot leave the ranks apart.
+See docs/distributed.md.
 """
 from __future__ import annotations
 
-import datetime
+import hashlib
+import json
 import math
+import numbers
 import os
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
+
+from thresher.comm.collectives import (
+    DEFAULT_TIMEOUT_S,
+    CollectiveError,
+    GroupInfo,
+    all_gather,
+    all_reduce_mean_,
+    barrier,
+    broadcast_,
+    resolve_group,
+)
+from thresher.ops._validate import check_range
 
 __all__ = [
     "CollectiveError",
+    "DEFAULT_TIMEOUT_S",
     "DistMixin",
-    "DistOptimizer",
     "GroupInfo",
     "resolve_group",
     "all_reduce_mean_",
+    "barrier",
+    "check_ranks_agree",
     "adamw_update_",
     "clip_coef",
     "outer_step_",
     "atomic_save",
     "rng_state",
     "set_rng_state",
-    "check_positive_int",
+    "check_int",
     "check_float",
+    "check_betas",
+    "check_group_hparams",
+    "describe",
 ]
-
-DEFAULT_TIMEOUT_S = 300.0
-
-
-class CollectiveError(RuntimeError):
-    """A collective failed or timed out: a peer rank died, or did not reach it in time."""
-
-
-class GroupInfo:
-    """The process group an optimizer talks to: ``rank``, ``world`` (1 when torch.distributed
-    is not initialised: a single process, no collective is issued) and the timeout."""
-
-    def __init__(self, group, rank: int, world: int, timeout_s: float):
-        self.group, self.rank, self.world, self.timeout_s = group, rank, world, timeout_s
-
-    @property
-    def timeout(self) -> datetime.timedelta:
-        return datetime.timedelta(seconds=self.timeout_s)
-
-
-def resolve_group(process_group=None, timeout: float | None = None) -> GroupInfo:
-    if timeout is None:
-        timeout = DEFAULT_TIMEOUT_S
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if not (dist.is_available() and dist.is_initialized()):
-        if process_group is not None:
-            raise ValueError("process_group was given but torch.distributed is not initialised "
-                             "(call torch.distributed.init_process_group first)")
-        return GroupInfo(None, 0, 1, float(timeout))
-    return GroupInfo(process_group, dist.get_rank(process_group),
-                     dist.get_world_size(process_group), float(timeout))
-
-
-def _wait(work, what: str, info: GroupInfo) -> None:
-    try:
-        ok = work.wait(info.timeout)
-    except Exception as exc:  # gloo raises RuntimeError / DistBackendError on a dead peer
-        raise CollectiveError(
-            f"thresher: {what} failed on rank {info.rank} of {info.world}: a peer rank died or "
-            f"did not reach the collective within the {info.timeout_s:g} s timeout "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    if ok is False:
-        raise CollectiveError(f"thresher: {what} did not complete on rank {info.rank} of "
-                              f"{info.world} within the {info.timeout_s:g} s timeout")
-
-
-def all_reduce_mean_(tensors: Sequence[torch.Tensor], info: GroupInfo, what: str = "all_reduce") -> int:
-    """Replaces every tensor by its mean over the ranks, in one collective (the tensors are
-    flattened into one buffer of their common dtype). Returns the payload bytes sent."""
-    tensors = [t for t in tensors if t.numel()]
-    if info.world == 1 or not tensors:
-        return 0
-    dtype = tensors[0].dtype
-    if any(t.dtype != dtype for t in tensors):
-        # one buffer per dtype keeps each collective exact in its own precision
-        total = 0
-        for dt in {t.dtype for t in tensors}:
-            total += all_reduce_mean_([t for t in tensors if t.dtype == dt], info, what)
-        return total
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    _wait(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=info.group, async_op=True),
-          f"{what} of {flat.numel() * flat.element_size()} bytes", info)
-    flat.div_(info.world)
-    off = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[off:off + n].view_as(t))
-        off += n
-    return flat.numel() * flat.element_size()
-
-
-def barrier(info: GroupInfo, what: str = "barrier") -> None:
-    if info.world > 1:
-        _wait(dist.barrier(group=info.group, async_op=True), what, info)
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,8 +111,27 @@ class DistMixin:
     _counter_names: tuple[str, ...] = ("step", "comm_bytes")
 
     def _dist_init(self, process_group=None, timeout=None) -> None:
+        """The last call of every constructor, after its own argument checks: resolves the
+        group, checks the param groups' hyper-parameters, checks that the ranks agree and
+        broadcasts rank 0's parameters (see the module docstring)."""
         self.dist = resolve_group(process_group, timeout)
+        check_group_hparams(self)
+        self._check_groups()
         self._counters = {k: 0 for k in self._counter_names}
+        if self.dist.world > 1:
+            name = type(self).__name__
+            check_ranks_agree(describe(self), self.dist, name)
+            with torch.no_grad():
+                broadcast_([p for g in self.param_groups for p in g["params"]], self.dist,
+                           f"{name} broadcast of the initial parameters")
+
+    def _check_groups(self) -> None:
+        """A subclass's own checks of its param groups (run after the common ones)."""
+
+    def _settings(self) -> dict:
+        """The optimizer-level settings every rank must share (the param groups'
+        hyper-parameters, shapes and dtypes are compared as well)."""
+        return {}
 
     @property
     def comm_bytes(self) -> int:
@@ -224,12 +192,82 @@ class DistMixin:
                     yield group, p
 
 
-class DistOptimizer(DistMixin, torch.optim.Optimizer):
-    """A torch.optim.Optimizer with the distributed mixin (LoRDO)."""
+# ----------------------------------------------------------------------------------------
+# Agreement of the ranks
+# ----------------------------------------------------------------------------------------
 
-    def __init__(self, params, defaults, *, process_group=None, timeout=None):
-        torch.optim.Optimizer.__init__(self, params, defaults)
-        self._dist_init(process_group, timeout)
+
+def _canon(v) -> str:
+    """A text for a setting's value that is the same on every rank that holds the same value
+    (floats exactly; 3 and 3.0 alike; no memory addresses)."""
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, bool) or v is None or isinstance(v, (str, int)):
+        return repr(v)
+    if isinstance(v, float):
+        return repr(int(v)) if v.is_integer() and abs(v) < 2 ** 53 else repr(v)
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_canon(x) for x in v) + ")"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k!r}: {_canon(v[k])}" for k in sorted(v, key=repr)) + "}"
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    text = repr(v)  # codecs print their settings
+    return type(v).__name__ if " at 0x" in text else text
+
+
+def describe(opt) -> list[list[str]]:
+    """``[name, value]`` pairs every rank must share: the class, ``opt._settings()``, each
+    param group's hyper-parameters and each parameter's shape and dtype."""
+    items = [["optimizer", type(opt).__name__]]
+    items += [[k, _canon(v)] for k, v in opt._settings().items()]
+    items.append(["number of param_groups", str(len(opt.param_groups))])
+    index = 0
+    for gi, group in enumerate(opt.param_groups):
+        where = f"param_groups[{gi}]"
+        items += [[f"{where}[{k!r}]", _canon(v)] for k, v in sorted(group.items())
+                  if k != "params"]
+        items.append([f"number of parameters in {where}", str(len(group["params"]))])
+        for pi, p in enumerate(group["params"]):
+            items.append([f"parameter {index} ({where}['params'][{pi}])",
+                          f"shape {tuple(p.shape)} {_canon(p.dtype)}"])
+            index += 1
+    return items
+
+
+def check_ranks_agree(items: list, info: GroupInfo, what: str) -> None:
+    """Raises the same ValueError on every rank when the ranks' ``items`` differ, naming each
+    difference and every rank's value. One all_gather of 16 bytes per rank when they agree;
+    the descriptions themselves are gathered only on a mismatch."""
+    if info.world == 1:
+        return
+    blob = json.dumps(items).encode()
+    digest = int.from_bytes(hashlib.sha1(blob).digest()[:8], "little") >> 1
+    head = torch.tensor([digest, len(blob)], dtype=torch.int64, device=info.device)
+    heads = torch.stack(all_gather(head, info, f"{what} agreement check")).cpu()
+    if bool((heads[:, 0] == heads[0, 0]).all()):
+        return
+    buf = torch.zeros(int(heads[:, 1].max()), dtype=torch.uint8)
+    buf[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    blobs = all_gather(buf.to(info.device), info, f"{what} agreement details")
+    descs = [dict(json.loads(bytes(b[:int(n)].cpu().tolist())))
+             for b, n in zip(blobs, heads[:, 1])]
+    raise ValueError(_disagreement(descs, what))
+
+
+def _disagreement(descs: list[dict], what: str, limit: int = 6) -> str:
+    diffs = []
+    for name in dict.fromkeys(k for d in descs for k in d):
+        ranks_by_value: dict = {}
+        for r, d in enumerate(descs):
+            ranks_by_value.setdefault(d.get(name, "(absent)"), []).append(r)
+        if len(ranks_by_value) > 1:
+            diffs.append(f"{name}: " + "; ".join(
+                f"{v} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
+                for v, rs in ranks_by_value.items()))
+    more = f" (and {len(diffs) - limit} more differences)" if len(diffs) > limit else ""
+    return (f"thresher: the ranks built different {what} optimizers (every rank must build "
+            f"the same model and pass the same settings): " + " | ".join(diffs[:limit]) + more)
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,28 +275,63 @@ class DistOptimizer(DistMixin, torch.optim.Optimizer):
 # ----------------------------------------------------------------------------------------
 
 
-def check_positive_int(name: str, v) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
+def check_int(name: str, v, lo: int = 1) -> int:
+    """An integer (a Python or numpy one, not a bool) >= ``lo``, as an int."""
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    return int(v)
 
 
 def check_float(name: str, v, lo: float = -math.inf, hi: float = math.inf,
                 lo_open: bool = False) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    """A finite number in [lo, hi] ((lo, hi] with ``lo_open``): ops._validate's check_range
+    (type and bounds; NaN fails it), plus finiteness, which an unbounded range lets through."""
+    check_range(name, v, lo, hi)
     v = float(v)
-    if not (lo < v if lo_open else lo <= v) or not v <= hi or math.isnan(v):
-        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if lo_open and v == lo:
+        raise ValueError(f"{name} must be > {lo}, got {v}")
     return v
 
 
-def check_betas(betas) -> tuple[float, float]:
+def check_betas(betas, name: str = "betas") -> tuple[float, float]:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    return (check_float("betas[0]", betas[0], 0.0, 1.0), check_float("betas[1]", betas[1], 0.0, 1.0))
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    out = tuple(check_float(f"{name}[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
+    for i, b in enumerate(out):
+        if b == 1.0:  # the bias correction 1 - beta^t would be 0
+            raise ValueError(f"{name}[{i}] must be < 1, got {b}")
+    return out
+
+
+#: Hyper-parameters the optimizers keep per param group: (lo, hi, lo_open); all finite.
+GROUP_RANGES = {
+    "lr": (0.0, math.inf, False),
+    "eps": (0.0, math.inf, False),
+    "weight_decay": (0.0, math.inf, False),
+    "omega": (0.0, 1.0, False),
+    "mu": (0.0, math.inf, True),
+    "scale": (-math.inf, math.inf, False),
+}
+
+
+def check_group_hparams(opt) -> None:
+    """Every hyper-parameter of GROUP_RANGES (and ``betas``) present in ``opt.defaults``
+    (named as the argument) and in each param group (named ``param_groups[i]['lr']``)."""
+    sources = [("", opt.defaults)] + [(f"param_groups[{i}]", g)
+                                      for i, g in enumerate(opt.param_groups)]
+    for where, values in sources:
+        for key, (lo, hi, lo_open) in GROUP_RANGES.items():
+            if key in values:
+                v = values[key]
+                if isinstance(v, torch.Tensor) and v.numel() == 1:  # torch allows a tensor lr
+                    v = v.item()
+                check_float(f"{where}[{key!r}]" if where else key, v, lo, hi, lo_open)
+        if "betas" in values:
+            check_betas(values["betas"], f"{where}['betas']" if where else "betas")
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ._codecs import codec_mean_, make_codec
-from ._dist import DistMixin, all_reduce_mean_, check_float, check_positive_int, outer_step_
+from ._dist import DistMixin, all_reduce_mean_, check_float, check_int, outer_step_
 
 __all__ = ["DiLoCo", "SparseLoCo"]
 
@@ -39,13 +39,17 @@ class DiLoCo(DistMixin, torch.optim.AdamW):
     def __init__(self, params, lr: float = 1e-3, *, sync_every: int = 32, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, nesterov: bool = True, process_group=None,
                  timeout=None, **adamw):
-        check_positive_int("sync_every", sync_every)
+        check_int("sync_every", sync_every)
         check_float("outer_lr", outer_lr, 0.0, lo_open=True)
         check_float("outer_momentum", outer_momentum, 0.0, 1.0)
         torch.optim.AdamW.__init__(self, params, lr=lr, **adamw)
-        self._dist_init(process_group, timeout)
         self.sync_every, self.outer_lr = sync_every, outer_lr
         self.outer_momentum, self.nesterov = outer_momentum, bool(nesterov)
+        self._dist_init(process_group, timeout)
+
+    def _settings(self) -> dict:
+        return dict(sync_every=self.sync_every, outer_lr=self.outer_lr,
+                    outer_momentum=self.outer_momentum, nesterov=self.nesterov)
 
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
@@ -101,8 +105,8 @@ class SparseLoCo(DiLoCo):
                  outer_lr: float = 1.0, outer_momentum: float = 0.0, nesterov: bool = False,
                  **kwargs):
         check_float("beta", beta, 0.0, 1.0)
-        check_positive_int("k", k)
-        check_positive_int("chunk", chunk)
+        check_int("k", k)
+        check_int("chunk", chunk)
         if k > chunk:
             raise ValueError(f"k must be <= chunk, got k={k}, chunk={chunk}")
         self.beta, self.chunk = float(beta), chunk
@@ -110,6 +114,9 @@ class SparseLoCo(DiLoCo):
             "topk", k=k, chunk=chunk, bits=bits)
         super().__init__(params, lr, sync_every=sync_every, outer_lr=outer_lr,
                          outer_momentum=outer_momentum, nesterov=nesterov, **kwargs)
+
+    def _settings(self) -> dict:
+        return dict(super()._settings(), beta=self.beta, chunk=self.chunk, codec=self.codec)
 
     def _sparse(self, p) -> bool:
         return p.numel() >= self.chunk

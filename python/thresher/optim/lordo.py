@@ -52,16 +52,16 @@ from __future__ import annotations
 
 import torch
 
+from thresher.ops._validate import check_choice
 from thresher.ops.lowrank import choose_side, lowrank_adam_step, refresh_projection
 
 from ._codecs import codec_mean_, make_codec
 from ._dist import (
-    DistOptimizer,
+    DistMixin,
     adamw_update_,
     all_reduce_mean_,
-    check_betas,
     check_float,
-    check_positive_int,
+    check_int,
     clip_coef,
     outer_step_,
 )
@@ -74,7 +74,7 @@ MOMENTS = ("keep", "reset")
 SIDES = ("auto", "left", "right")
 
 
-class LoRDO(DistOptimizer):
+class LoRDO(DistMixin, torch.optim.Optimizer):
     """See the module docstring. ``rank`` may be set per parameter group (``rank=None`` in a
     group: its matrices take plain AdamW steps, like the vectors)."""
 
@@ -87,44 +87,48 @@ class LoRDO(DistOptimizer):
                  compression=None, compression_options: dict | None = None, proj: str = "svd", init_proj: str = "random",
                  moments: str = "keep", side: str = "auto", seed: int = 0,
                  process_group=None, timeout: float | None = None):
-        check_float("lr", lr, 0.0)
+        # lr, omega, mu, betas, eps and weight_decay are checked per param group by
+        # _dist_init (check_group_hparams), like every distributed optimizer's
         if rank is not None:
-            check_positive_int("rank", rank)
-        check_positive_int("sync_every", sync_every)
-        check_float("omega", omega, 0.0, 1.0)
-        check_float("mu", mu, 0.0, lo_open=True)
+            check_int("rank", rank)
+        check_int("sync_every", sync_every)
         if clip is not None:
             check_float("clip", clip, 0.0)
-        check_betas(betas)
-        check_float("eps", eps, 0.0)
-        check_float("weight_decay", weight_decay, 0.0)
         for name, value, choices in (("outer", outer, OUTER), ("proj", proj, PROJ),
                                      ("init_proj", init_proj, INIT_PROJ),
                                      ("moments", moments, MOMENTS), ("side", side, SIDES)):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+            check_choice(name, value, choices)
         check_float("outer_lr", outer_lr, 0.0, lo_open=True)
         check_float("outer_momentum", outer_momentum, 0.0, 1.0)
-        defaults = dict(lr=lr, rank=rank, omega=omega, mu=mu, betas=tuple(betas), eps=eps,
+        defaults = dict(lr=lr, rank=rank, omega=omega, mu=mu, eps=eps,
+                        betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
                         weight_decay=weight_decay, side=side)
-        super().__init__(params, defaults, process_group=process_group, timeout=timeout)
+        torch.optim.Optimizer.__init__(self, params, defaults)
         self.sync_every, self.clip, self.outer = sync_every, clip, outer
         self.outer_lr, self.outer_momentum = outer_lr, outer_momentum
-        self.proj, self.init_proj, self.moments, self.seed = proj, init_proj, moments, int(seed)
+        self.proj, self.init_proj, self.moments = proj, init_proj, moments
+        self.seed = check_int("seed", seed, 0)
         self.codec = make_codec(compression, **(compression_options or {}))
+        self._dist_init(process_group, timeout)
+
+    def _check_groups(self) -> None:
         for gi, group in enumerate(self.param_groups):
             r = group["rank"]
             if r is not None:
-                check_positive_int(f"param_groups[{gi}]['rank']", r)
-            if group["side"] not in SIDES:
-                raise ValueError(f"param_groups[{gi}]['side'] must be one of {SIDES}, "
-                                 f"got {group['side']!r}")
+                check_int(f"param_groups[{gi}]['rank']", r)
+            check_choice(f"param_groups[{gi}]['side']", group["side"], SIDES)
             for pi, p in enumerate(group["params"]):
                 if p.dim() == 2 and r is not None and r > min(p.shape):
                     raise ValueError(
                         f"rank={r} is larger than the matrix param_groups[{gi}]['params'][{pi}] "
                         f"of shape {tuple(p.shape)}: rank must be <= min(p, q) = {min(p.shape)} "
                         f"(or put that matrix in a group with rank=None for plain AdamW)")
+
+    def _settings(self) -> dict:
+        return dict(sync_every=self.sync_every, clip=self.clip, outer=self.outer,
+                    outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, proj=self.proj,
+                    init_proj=self.init_proj, moments=self.moments, seed=self.seed,
+                    compression=self.codec)
 
     # -------------------------------------------------------------------------------------
     def _is_lowrank(self, group, p) -> bool:
