@@ -222,3 +222,55 @@ def test_thresher_lm_has_the_gpt_loss_api_for_selectors():
         sel = build_online_selector(name, lm, val, gamma=0.5, **opts)
         alpha = sel.select(ids, labels)
         assert alpha.shape[0] == B and set(alpha.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_shift_labels_and_ignore_index_keywords():
+    model = tiny_model("granite")
+    ids, labels, sw, tw = _batch(11)
+    apply_thresher(model)
+    want = model(input_ids=ids, labels=labels, sample_weight=sw, loss_reduction="sample").loss
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    got = model(input_ids=ids, shift_labels=shifted, sample_weight=sw,
+                loss_reduction="sample").loss
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    minus_one = labels.masked_fill(labels == -100, -1)
+    got = model(input_ids=ids, labels=minus_one, ignore_index=-1, sample_weight=sw,
+                loss_reduction="sample").loss
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _AffineHead(torch.nn.Module):
+    def __init__(self, linear, factor=1.0):
+        super().__init__()
+        self.weight, self.bias, self.factor = linear.weight, linear.bias, factor
+
+    def forward(self, h):
+        return F.linear(h, self.weight, self.bias) * self.factor
+
+
+def test_heads_that_are_not_nn_linear_are_checked():
+    ids, labels, _, _ = _batch(12)
+    model = tiny_model("phi")
+    model.set_output_embeddings(_AffineHead(model.get_output_embeddings()))
+    want = reference_loss(model(input_ids=ids).logits, labels, "mean")
+    apply_thresher(model)
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, want)
+    model = tiny_model("phi")
+    model.set_output_embeddings(_AffineHead(model.get_output_embeddings(), factor=2.0))
+    apply_thresher(model)
+    with pytest.raises(NotImplementedError, match="is not h @ weight.T"):
+        model(input_ids=ids, labels=labels)
+
+
+def test_a_head_called_twice_is_refused():
+    base = type(tiny_model("llama"))
+
+    class Twice(base):
+        def forward(self, *args, **kwargs):
+            self.lm_head(torch.zeros(1, 1, self.config.hidden_size))
+            return super().forward(*args, **kwargs)
+
+    model = apply_thresher(Twice(tiny_model("llama").config))
+    ids, labels, _, _ = _batch(13)
+    with pytest.raises(NotImplementedError, match="2 times"):
+        model(input_ids=ids, labels=labels)

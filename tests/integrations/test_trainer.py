@@ -137,3 +137,10 @@ def test_evaluate_reports_hf_loss(tmp_path):
                              use_cpu=True)
     got = ThresherTrainer(model, args, eval_dataset=data).evaluate()["eval_loss"]
     assert abs(got - float(want)) < 1e-5
+
+
+def test_resuming_without_thresher_state_is_an_error(tmp_path):
+    trainer, _ = _trainer(tmp_path / "run", selector="random")
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(FileNotFoundError, match="thresher_rank0.pt"):
+        trainer._load_optimizer_and_scheduler(str(tmp_path / "ckpt"))

@@ -136,12 +136,12 @@ def _verify(model, head: nn.Module, out, hidden: Tensor, scale: float, softcap) 
     model.__dict__[_VERIFIED] = True
 
 
-def _shifted(labels, shift_labels, token_weight):
+def _shifted(labels, shift_labels, token_weight, ignore_index):
     """Targets and token weights per *position* (HF's shift: position t predicts labels[t+1],
     the last position nothing)."""
     if shift_labels is not None:
         return shift_labels, token_weight
-    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    target = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
     if token_weight is not None:
         token_weight = F.pad(token_weight[:, 1:], (0, 1), value=0.0)
     return target, token_weight
@@ -162,7 +162,7 @@ def _fused_loss(model, head, hidden, labels, shift_labels, *, sample_weight, tok
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch (the gradient-accumulation normaliser) applies to "
                          f"loss_reduction='mean' only, got loss_reduction={reduction!r}")
-    target, tw = _shifted(labels, shift_labels, token_weight)
+    target, tw = _shifted(labels, shift_labels, token_weight, ignore_index)
     target = target.to(hidden.device)
     scale, softcap = logit_transform(model.config)
     bias = getattr(head, "bias", None)
