@@ -176,7 +176,7 @@ def _fused_loss(model, head, hidden, labels, shift_labels, *, sample_weight, tok
         reduction="sum" if num_items_in_batch is not None else reduction, backend=backend, **kw)
     if num_items_in_batch is not None:
         n = num_items_in_batch
-        loss = loss / (n.to(loss.device) if torch.is_tensor(n) else n)
+        loss = loss / (n.to(loss.device) if torch.is_tensor(n) else n)  # promotes as HF does
     if reduction == "none" and shift_labels is None:
         loss = F.pad(loss[:, :-1], (1, 0))  # aligned with labels, like token_weight
     return loss
