@@ -134,7 +134,8 @@ def _train_bpe(train_docs, vocab_size: int, cache_dir, max_train_chars: int) -> 
         if total >= max_train_chars:
             break
     if total == 0:
-        raise ValueError("cannot train a BPE tokenizer: train_docs hold no text (empty pool?)")
+        raise ValueError("train_docs hold no text: the pool is empty (or every document is), so "
+                         "there is nothing to train the BPE tokenizer on")
     digest = h.hexdigest()[:20]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / "tokenizers" / f"bpe-{vocab_size}-{digest}.json"
