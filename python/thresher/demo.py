@@ -208,7 +208,7 @@ def _train(args, cfg, out: Path, d: dict, name: str, corpus: str, optimizer: str
         p = argparse.ArgumentParser()
         train_cmd.add_arguments(p)
         targs = p.parse_args(argv)
-        targs.resume = args.resume and (out / "train" / name / "ckpt").exists()
+        targs.resume = args.resume
         summary = train_cmd.launch(targs)
     curve = []
     with open(out / "train" / name / "log.csv") as f:
