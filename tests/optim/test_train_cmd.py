@@ -132,6 +132,8 @@ def test_bad_options_are_found_before_run_json(tmp_path):
         train_cmd.launch(args_for(tmp_path, *kw, "--compression", "zip"))
     with pytest.raises(ValueError, match="--select-opt gamma=0.5 needs --select"):
         train_cmd.launch(args_for(tmp_path, *kw, "--select-opt", "gamma=0.5"))
+    with pytest.raises(ValueError, match="--select must be one of blade, rho"):
+        train_cmd.launch(args_for(tmp_path, *kw, "--select", "bladee"))
     assert not (out / "run.json").exists()
     assert train_cmd.launch(args_for(tmp_path, *kw))["steps"] == 1  # the corrected rerun, no --resume
 

@@ -433,3 +433,19 @@ def test_jsonl_utf8_error_names_file_and_line(tmp_path, scorers, capsys):
     pool.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     assert _score(tmp_path, pool, [], out="u") == 2
     assert f"{pool}:2: not valid UTF-8" in capsys.readouterr().err
+
+
+def test_messages_name_the_flag_not_the_tokenizer(tmp_path, scorers, capsys):
+    pool, _ = _make_pool(tmp_path, "jsonl")  # its text field is "body"
+    bpe = ["--tokenizer", "bpe", "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache")]
+    assert _score(tmp_path, pool, [], out="a", more=bpe) == 2
+    err = capsys.readouterr().err
+    assert "no field 'text'" in err and "error: --tokenizer" not in err, err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert _score(tmp_path, tmp_path / "empty.jsonl", [], out="b", more=bpe) == 2
+    err = capsys.readouterr().err
+    assert "holds no documents" in err and "cannot train" not in err, err
+    with pytest.raises(SystemExit):
+        main(["score", "--method", "random", "--pool", "embedded", "--target", "embedded",
+              "--embedded-size", "tiny", "--out", str(tmp_path / "d")])
+    assert "argument --embedded-size: expected quick or default" in capsys.readouterr().err

@@ -50,6 +50,8 @@ CSV_FIELDS = ("step", "tokens", "train_loss", "val_loss", "comm_bytes", "wall_s"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from thresher.data.embedded import embedded_size_arg
+
     g = p.add_argument_group("data")
     g.add_argument("--corpus", default="embedded",
                    help="'embedded' or a path (jsonl, parquet, .txt, folder, HF dataset dir)")
@@ -57,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-field", default="text")
     g.add_argument("--val-every-nth", type=int, default=20,
                    help="without --val-corpus, every n-th document validates")
-    g.add_argument("--embedded-size", default="quick", help="'quick' or 'default'")
+    g.add_argument("--embedded-size", default="quick", type=embedded_size_arg, help="'quick' or 'default'")
     g.add_argument("--tokenizer", default="bpe", help="'bpe' (trained, cached), 'byte' or a path")
     g.add_argument("--vocab-size", type=int, default=4096)
     g.add_argument("--seq-len", type=int, default=128)
@@ -553,6 +555,11 @@ def validate_args(args) -> None:
         raise ValueError(f"--corpus {args.corpus!r}: no such file or folder")
     if args.val_corpus is not None and not os.path.exists(args.val_corpus):
         raise ValueError(f"--val-corpus {args.val_corpus!r}: no such file or folder")
+    if args.select:
+        from thresher.selection.online import ONLINE_SELECTORS
+
+        if args.select not in ONLINE_SELECTORS:
+            raise ValueError(f"--select must be one of {', '.join(ONLINE_SELECTORS)}, got {args.select!r}")
     if args.select_opt and not args.select:
         raise ValueError(f"--select-opt {' '.join(args.select_opt)} needs --select (the online selector "
                          "it configures)")

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from thresher.data.atomic import save_json, save_npy
+from thresher.data.embedded import embedded_size_arg
 from thresher.data.runs import check_run_folder, fingerprint, record_run
 
 MANIFEST_VERSION = 1
@@ -124,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "paragraphs merged to >= 1000 characters)")
     parser.add_argument("--target-split", default="auto", help="--split for a .txt target (default auto)")
     parser.add_argument("--hf-split", default=None, help="split of a saved HF DatasetDict")
-    parser.add_argument("--embedded-size", default="default", help="size of the embedded corpus: quick, default or a number")
+    parser.add_argument("--embedded-size", default="default", type=embedded_size_arg, help="size of the embedded corpus: quick, default or a number")
     parser.add_argument("--corpus-seed", type=int, default=0, help="seed of the embedded corpus (default 0)")
     parser.add_argument("--tokenizer", default="bpe",
                         help="bpe (trained on the pool, cached), byte, or a local HF tokenizer path")
