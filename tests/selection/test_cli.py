@@ -449,3 +449,17 @@ def test_messages_name_the_flag_not_the_tokenizer(tmp_path, scorers, capsys):
         main(["score", "--method", "random", "--pool", "embedded", "--target", "embedded",
               "--embedded-size", "tiny", "--out", str(tmp_path / "d")])
     assert "argument --embedded-size: expected quick or default" in capsys.readouterr().err
+
+
+def test_resumed_bliss_says_where_it_resumes(tmp_path, scorers, capsys):
+    import shutil
+
+    pool, extra = _make_pool(tmp_path, "jsonl")
+    opts = ["--opt", "warmup_steps=2", "--opt", "outer_steps=2", "--opt", "inner_steps=1",
+            "--opt", 'model={"d_model": 16, "n_layers": 1, "n_heads": 2}']
+    assert _score(tmp_path, pool, extra, out="b", method="bliss", more=opts) == 0
+    assert "resuming" not in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "b" / "shards")
+    (tmp_path / "b" / "manifest.json").unlink()
+    assert _score(tmp_path, pool, extra, out="b", method="bliss", more=[*opts, "--resume"]) == 0
+    assert "bliss: resuming from outer step 2 of 2" in capsys.readouterr().err
