@@ -1,6 +1,6 @@
 """``thresher demo``: the whole pipeline on the embedded corpus (or your data), end to end.
 
-    thresher demo                 # about 10 minutes on 2 CPU cores
+    thresher demo                 # about 8-9 minutes on 2 idle CPU cores, ~320 MB in --out
     thresher demo --quick         # about 2 minutes (what CI runs)
     thresher demo --pool pool.jsonl --target target.jsonl --text-field text --nproc 4
 
@@ -20,8 +20,9 @@ Stages (a progress bar each):
               per rank, optimizer-state memory, wall time) printed and written to
               ``OUT/report.md`` with the loss curves (``OUT/curves.png``).
 
-Every stage's output is kept in ``--out``; rerunning with ``--resume`` reuses finished stages
-(and resumes an interrupted training run from its checkpoint).
+Every stage's output is kept in ``--out`` (a folder that already holds a demo is only reused
+with ``--resume``); rerunning with ``--resume`` reuses finished stages (and resumes an
+interrupted training run from its checkpoint); the report's wall times then add up the parts.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Sizes per mode. quick: what CI runs (<= 2 min on 2 cores); default: <= 10 min.
+# Sizes per mode. quick: what CI runs (about 2 min on 2 idle cores); default: about 8-9 min.
 MODES = {
     "quick": dict(embedded="quick", max_pool_docs=400, vocab=1024, seq_len=64, steps=60,
                   batch=8, eval_every=20,

@@ -626,7 +626,9 @@ def launch(args) -> dict:
             if p.is_alive():
                 p.kill()
         raise
-    deadline = time.monotonic() + args.timeout + 30
+    # after a rank failed, the others are stuck in a collective: give them a moment, not the timeout
+    failed = any(status != "ok" for status, _ in results.values())
+    deadline = time.monotonic() + (10 if failed else args.timeout + 30)
     for p in procs:
         p.join(timeout=max(1.0, deadline - time.monotonic()))
         if p.is_alive():
