@@ -423,8 +423,8 @@ def _pipeline(args, cfg, out: Path, clock: _Clock) -> int:
                    "were reused, and every wall time above adds up all the parts.\n\n")
     report = ("# thresher demo\n\n"
               f"mode: {'quick' if args.quick else 'default'}; pool {args.pool}, target "
-              f"{args.target}; keep {args.fraction:.0%}; {args.nproc} ranks; seed {args.seed} (one "
-              "seed: differences of a few hundredths in loss are within seed noise)\n\n" + table +
+              f"{args.target}; keep {args.fraction:.0%}; {args.nproc} ranks; seed {args.seed} (one seed, "
+              "one run each)\n\n" + table +
               "\n" + resumed + COLUMNS + "\n![validation loss](curves.png)\n")
     (out / "report.md").write_text(report)
     (out / "report.json").write_text(json.dumps({"rows": rows, "stages_s": stage_s,
