@@ -103,3 +103,14 @@ def test_table_says_not_reached_and_an_interrupted_stage_keeps_its_time(tmp_path
     again.begin("select")
     again.end()
     assert again.parts == 2 and again.totals()["select"] >= clock.this_run["select"] > 0
+
+
+def test_bad_input_found_in_the_data_stage_leaves_out_reusable(tmp_path):
+    pool, target, out = tmp_path / "pool.jsonl", tmp_path / "target.jsonl", tmp_path / "o"
+    pool.write_text("".join(json.dumps({"text": f"pool document {i}"}) + "\n" for i in range(5)))
+    target.write_text(json.dumps({"text": "only one target document"}) + "\n")
+    args = ["--quick", "--pool", str(pool), "--target", str(target), "--out", str(out)]
+    for _ in range(2):  # the rerun meets the same input error, not "already holds a run"
+        proc = _demo(*args, cwd=tmp_path)
+        assert proc.returncode == 2 and "at least 2 target documents" in proc.stderr, proc.stderr[-2000:]
+        assert list(out.iterdir()) == []

@@ -31,6 +31,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,25 +370,35 @@ def _folder_size(path: Path) -> int:
 
 
 def run(args) -> int:
-    from thresher.data.runs import check_run_folder, record_run
+    from thresher.data.runs import check_run_folder
 
     _check(args)
     out = Path(args.out)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("command", "resume")}
-    check_run_folder(out, settings, resume=args.resume)
+    fresh = not check_run_folder(out, settings, resume=args.resume) and not args.resume
     out.mkdir(parents=True, exist_ok=True)
-    record_run(out, settings)
     clock = _Clock(out / "stages.json")
     try:
-        return _pipeline(args, MODES["quick" if args.quick else "default"], out, clock)
+        return _pipeline(args, MODES["quick" if args.quick else "default"], out, clock, settings)
+    except BaseException:
+        clock.end()
+        if fresh and not (out / "run.json").exists():
+            # failed on its inputs before the run was recorded: leave the folder as it was (it
+            # was empty), so that the corrected command can use it
+            shutil.rmtree(out / "data", ignore_errors=True)
+            (out / "stages.json").unlink(missing_ok=True)
+        raise
     finally:
         clock.end()  # an interrupted stage keeps its time for the resumed run's report
 
 
-def _pipeline(args, cfg, out: Path, clock: _Clock) -> int:
+def _pipeline(args, cfg, out: Path, clock: _Clock, settings: dict) -> int:
+    from thresher.data.runs import record_run
+
     clock.begin("data")
     print("[1/5] data: building the pool and the target split", flush=True)
     d = stage_data(args, cfg, out)
+    record_run(out, settings)  # the inputs were good: from here on the folder holds this run
     print(f"      pool {d['sizes']['pool_docs']} docs ({len(d['pool_samples'])} samples of "
           f"{cfg['seq_len']} tokens), target {d['sizes']['target_docs']} docs for the "
           f"selectors, {d['sizes']['val_docs']} held out for validation; vocab "
