@@ -41,6 +41,17 @@ def test_quick_demo_reports_every_row(quick_run):
     for m in ("random", "loss", "bliss"):
         assert 0.0 <= by[f"{m}+lordo"]["auroc"] <= 1.0
     assert set(data["stages_s"]) == {"data", "select", "train", "online", "report"}
+    assert data["parts"] == 1 and "Resumed run" not in report
+    # the report explains itself: columns, direction, the corrupted share kept, the seed
+    for text in ("lower is better", "higher is better", "corrupted kept", "seed 0", "not reached"):
+        assert text in report, text
+    for m in ("random", "loss", "bliss"):
+        assert 0.0 <= by[f"{m}+lordo"]["corrupt_kept"] <= 1.0
+        kept = [json.loads(x) for x in (out / "select" / m / "selected.jsonl").read_text().splitlines()]
+        assert all("corrupted" in k for k in kept)  # the kept files carry the flag
+    # the per-method lines come as each method finishes, and say where the time went
+    assert proc.stdout.index("      random:") < proc.stdout.index("[3/5]")
+    assert "MB (checkpoints" in proc.stdout
     assert (out / "curves.png").stat().st_size > 10_000
     for m in ("random", "loss", "bliss"):
         assert (out / "select" / m / "selected.jsonl").stat().st_size > 0
@@ -48,12 +59,19 @@ def test_quick_demo_reports_every_row(quick_run):
 
 def test_resume_reuses_finished_stages(quick_run):
     out, _ = quick_run
-    before = json.loads((out / "report.json").read_text())["rows"]
+    first = json.loads((out / "report.json").read_text())
+    before = first["rows"]
+    proc = _demo("--quick", "--out", str(out), cwd=out)  # without --resume: refused, nothing touched
+    assert proc.returncode == 2 and "already holds a run; pass --resume" in proc.stderr, proc.stderr[-2000:]
     proc = _demo("--quick", "--resume", "--out", str(out), cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     after = json.loads((out / "report.json").read_text())
     assert [r["val_loss"] for r in after["rows"]] == [r["val_loss"] for r in before]
-    assert after["stages_s"]["train"] < 5.0  # nothing retrained
+    assert after["stages_this_run_s"]["train"] < 5.0  # nothing retrained
+    assert after["parts"] == 2 and "Resumed run" in (out / "report.md").read_text()
+    # the stage times add up the parts, so they agree with the per-method selection times
+    assert after["stages_s"]["select"] >= first["stages_s"]["select"]
+    assert after["stages_s"]["select"] >= max(r["select_wall_s"] for r in after["rows"] if r["select_wall_s"])
 
 
 @pytest.mark.parametrize("args,match", [
@@ -65,3 +83,34 @@ def test_bad_arguments_are_clear_errors(tmp_path, args, match):
     proc = _demo("--quick", "--out", str(tmp_path / "o"), *args, cwd=tmp_path)
     assert proc.returncode != 0
     assert match in proc.stderr
+
+
+def test_table_says_not_reached_and_an_interrupted_stage_keeps_its_time(tmp_path):
+    from thresher.demo import Run, _Clock, build_table
+
+    summary = {"final_val_loss": 5.0, "comm_bytes_per_rank": 1, "optimizer_state_bytes": 1, "wall_s": 1.0}
+    runs = [Run("random+lordo", "random", "lordo", summary, [(1, 6.0), (2, 5.0)]),
+            Run("blade+lordo", "blade", "lordo", summary, [(1, 7.0), (2, 6.0)])]
+    rows, table = build_table(runs, {}, {"train": 1.0})
+    assert "| blade+lordo | 5.0000 | not reached |" in table and "0.00x" not in table
+    clock = _Clock(tmp_path / "stages.json")
+    clock.begin("select")
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        clock.end()
+    again = _Clock(tmp_path / "stages.json")
+    again.begin("select")
+    again.end()
+    assert again.parts == 2 and again.totals()["select"] >= clock.this_run["select"] > 0
+
+
+def test_bad_input_found_in_the_data_stage_leaves_out_reusable(tmp_path):
+    pool, target, out = tmp_path / "pool.jsonl", tmp_path / "target.jsonl", tmp_path / "o"
+    pool.write_text("".join(json.dumps({"text": f"pool document {i}"}) + "\n" for i in range(5)))
+    target.write_text(json.dumps({"text": "only one target document"}) + "\n")
+    args = ["--quick", "--pool", str(pool), "--target", str(target), "--out", str(out)]
+    for _ in range(2):  # the rerun meets the same input error, not "already holds a run"
+        proc = _demo(*args, cwd=tmp_path)
+        assert proc.returncode == 2 and "at least 2 target documents" in proc.stderr, proc.stderr[-2000:]
+        assert list(out.iterdir()) == []

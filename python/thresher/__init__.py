@@ -1,31 +1,40 @@
 """thresher: efficient language-model pretraining -- data selection and communication-
-efficient optimisation on one layer of fused kernels."""
-from importlib.metadata import PackageNotFoundError, version as _version
+efficient optimisation on one layer of fused kernels.
 
-from . import comm, data, models, optim, selection
-from .ops import (
-    LinearWeightedCrossEntropyLoss,
-    WeightedCrossEntropyLoss,
-    linear_weighted_cross_entropy,
-    native_status,
-    weighted_cross_entropy,
-)
+The subpackages and the names below are imported on first use, so ``import thresher`` (and
+the ``thresher`` command's help) does not wait for torch.
+"""
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version as _version
 
 try:
     __version__ = _version("thresher")
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-__all__ = [
-    "__version__",
-    "comm",
-    "data",
-    "models",
-    "optim",
-    "selection",
+_SUBPACKAGES = ("comm", "data", "models", "optim", "selection", "ops")
+_FROM_OPS = (
+    "BackendUnavailableError",
+    "LinearWeightedCrossEntropyLoss",
+    "WeightedCrossEntropyLoss",
+    "linear_weighted_cross_entropy",
     "native_status",
     "weighted_cross_entropy",
-    "linear_weighted_cross_entropy",
-    "WeightedCrossEntropyLoss",
-    "LinearWeightedCrossEntropyLoss",
-]
+)
+
+__all__ = ["__version__", *_SUBPACKAGES, *_FROM_OPS]
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        value = import_module(f".{name}", __name__)
+    elif name in _FROM_OPS:
+        value = getattr(import_module(".ops", __name__), name)
+    else:
+        raise AttributeError(f"module 'thresher' has no attribute {name!r}")
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,51 +1,78 @@
 """`thresher` command line: one entry point, one module per subcommand.
 
 Each subcommand lives beside the code it drives and exposes ``add_arguments(parser)`` and
-``run(args) -> int``; this file only names them, so heavy imports (torch, tokenizers) happen
-for the subcommand that runs, not for ``thresher --help``.
+``run(args) -> int``; this file only names them and imports the one that runs, so
+``thresher --help`` and a mistyped command answer without importing torch. Errors are
+reported here, for every subcommand alike: a bad input or a file-system error is one line
+``thresher CMD: error: ...`` (exit status 2; ``THRESHER_DEBUG=1`` shows the traceback), and
+Ctrl-C is one line saying how to continue (exit status 130).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 
-# name -> (module, one-line help)
+DESCRIPTION = ("thresher: choose pretraining data (score a pool with BLISS or a baseline, select from "
+               "the scores) and train a small GPT with communication-efficient optimizers.")
+
+# name -> (module, one-line help, what to do after Ctrl-C)
 SUBCOMMANDS = {
-    "score": ("thresher.selection.score_cmd", "score a pool of documents (BLISS or a baseline)"),
-    "select": ("thresher.selection.select_cmd", "select documents from scores (top-k, Gumbel, threshold)"),
-    "train": ("thresher.optim.train_cmd", "train the small GPT with any thresher optimizer on N ranks"),
-    "demo": ("thresher.demo", "the end-to-end demo on the embedded corpus"),
+    "score": ("thresher.selection.score_cmd", "score a pool of documents (BLISS or a baseline)",
+              "rerun with --resume to continue"),
+    "select": ("thresher.selection.select_cmd", "select documents from scores (top-k, Gumbel, threshold)",
+               "nothing was written"),
+    "train": ("thresher.optim.train_cmd", "train the small GPT with any thresher optimizer on N ranks",
+              "rerun with --resume to continue"),
+    "demo": ("thresher.demo", "the end-to-end demo on the embedded corpus",
+             "rerun with --resume to continue"),
 }
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    out = {}
-    for name, (module, help_) in SUBCOMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            out[name] = (module, help_)
-    return out
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        where = repr(os.fsdecode(exc.filename))
+        if exc.filename2 is not None:
+            where += f" -> {os.fsdecode(exc.filename2)!r}"
+        return f"{exc.strerror}: {where}"
+    return str(exc)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("thresher")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="thresher", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="thresher", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"thresher {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    modules = {}
-    for name, (module_name, help_) in _available().items():
-        module = importlib.import_module(module_name)
-        modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_, description=help_))
+    # only the subcommand being run is imported (its arguments need its module)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    module = None
+    for name, (module_name, help_, _) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
     args = parser.parse_args(argv)
     try:
-        return int(modules[args.command].run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        # Bad input: one clear line (the message names the argument), not a traceback.
-        # THRESHER_DEBUG=1 re-raises for the traceback.
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\nthresher {args.command}: interrupted; {SUBCOMMANDS[args.command][2]}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        # Bad input or a file-system error: one clear line (the message names the argument
+        # or the file), not a traceback.
         if os.environ.get("THRESHER_DEBUG"):
             raise
-        print(f"thresher {args.command}: error: {exc}", file=sys.stderr)
+        print(f"thresher {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
 
 

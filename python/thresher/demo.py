@@ -1,6 +1,6 @@
 """``thresher demo``: the whole pipeline on the embedded corpus (or your data), end to end.
 
-    thresher demo                 # about 10 minutes on 2 CPU cores
+    thresher demo                 # about 8-9 minutes on 2 idle CPU cores, ~320 MB in --out
     thresher demo --quick         # about 2 minutes (what CI runs)
     thresher demo --pool pool.jsonl --target target.jsonl --text-field text --nproc 4
 
@@ -20,20 +20,23 @@ Stages (a progress bar each):
               per rank, optimizer-state memory, wall time) printed and written to
               ``OUT/report.md`` with the loss curves (``OUT/curves.png``).
 
-Every stage's output is kept in ``--out``; rerunning with ``--resume`` reuses finished stages
-(and resumes an interrupted training run from its checkpoint).
+Every stage's output is kept in ``--out`` (a folder that already holds a demo is only reused
+with ``--resume``); rerunning with ``--resume`` reuses finished stages (and resumes an
+interrupted training run from its checkpoint); the report's wall times then add up the parts.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Sizes per mode. quick: what CI runs (<= 2 min on 2 cores); default: <= 10 min.
+# Sizes per mode. quick: what CI runs (about 2 min on 2 idle cores); default: about 8-9 min.
 MODES = {
     "quick": dict(embedded="quick", max_pool_docs=400, vocab=1024, seq_len=64, steps=60,
                   batch=8, eval_every=20,
@@ -75,6 +78,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes)")
     p.add_argument("--out", default="thresher-demo")
     p.add_argument("--resume", action="store_true", help="reuse finished stages in --out")
+
+
+def _add_time(path: Path, key: str, seconds: float) -> None:
+    from thresher.data.atomic import save_json
+
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times[key] = times.get(key, 0.0) + seconds
+    save_json(path, times)
+
+
+@contextlib.contextmanager
+def _timed(path: Path, key: str):
+    """Adds the wall time of the block to ``path[key]``, also when it is interrupted, so a
+    resumed run's times are the sum of its parts."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _add_time(path, key, time.perf_counter() - t0)
+
+
+class _Clock:
+    """Wall time per stage: this invocation's (``this_run``) and, in ``OUT/stages.json``, the
+    sum over every part of a resumed run (an interrupted stage's time included)."""
+
+    def __init__(self, path: Path):
+        self.path, self.this_run, self.name = path, {}, None
+        self.parts = (json.loads(path.read_text()).get("parts", 0) if path.is_file() else 0) + 1
+        _add_time(path, "parts", 1)
+
+    def begin(self, name: str) -> None:
+        self.end()
+        self.name, self.t0 = name, time.perf_counter()
+
+    def end(self) -> None:
+        if self.name is not None:
+            dt = time.perf_counter() - self.t0
+            self.this_run[self.name] = dt
+            _add_time(self.path, self.name, dt)
+            self.name = None
+
+    def totals(self) -> dict:
+        return {k: v for k, v in json.loads(self.path.read_text()).items() if k != "parts"}
 
 
 def _check(args) -> None:
@@ -157,18 +203,17 @@ def stage_select(args, cfg, out: Path, d: dict) -> dict:
     for method, opts in methods.items():
         folder = out / "select" / method
         sel_path = folder / "selected.jsonl"
-        t0 = time.perf_counter()
         if not (args.resume and sel_path.exists() and (folder / "doc_scores.npy").exists()):
-            scorer = build_scorer(method, vocab_size=d["tok"].vocab_size, seed=args.seed, **opts)
-            scorer.fit(d["pool_samples"], d["guide_samples"], checkpoint_dir=folder / "ckpt",
-                       resume=args.resume, progress=True)
-            scores = scorer.score(d["pool_samples"])
-            doc_scores = d["pool_samples"].doc_scores(scores)
-            keep = select_topk(doc_scores, args.fraction)
             folder.mkdir(parents=True, exist_ok=True)
-            np.save(folder / "doc_scores.npy", doc_scores.astype(np.float32))
-            write_documents([d["pool"][i] for i in keep], sel_path)
-            (folder / "time.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0}))
+            with _timed(folder / "time.json", "wall_s"):
+                scorer = build_scorer(method, vocab_size=d["tok"].vocab_size, seed=args.seed, **opts)
+                scorer.fit(d["pool_samples"], d["guide_samples"], checkpoint_dir=folder / "ckpt",
+                           resume=args.resume, progress=True)
+                scores = scorer.score(d["pool_samples"], progress=True)
+                doc_scores = d["pool_samples"].doc_scores(scores)
+                keep = select_topk(doc_scores, args.fraction)
+                np.save(folder / "doc_scores.npy", doc_scores.astype(np.float32))
+                write_documents([d["pool"][i] for i in keep], sel_path)
         doc_scores = np.load(folder / "doc_scores.npy")
         wall = json.loads((folder / "time.json").read_text())["wall_s"]
         keep = select_topk(doc_scores, args.fraction)
@@ -177,6 +222,10 @@ def stage_select(args, cfg, out: Path, d: dict) -> dict:
             info["auroc"] = auroc(doc_scores, ~np.asarray(d["labels"], dtype=bool))
             info["corrupt_kept"] = float(np.asarray(d["labels"])[keep].mean())
         results[method] = info
+        extra = ""
+        if "auroc" in info:
+            extra = f", AUROC {info['auroc']:.3f}, corrupted {info['corrupt_kept']:.0%} of those kept"
+        print(f"      {method}: {info['docs']} docs in {info['wall_s']:.1f} s{extra}", flush=True)
     return results
 
 
@@ -208,7 +257,7 @@ def _train(args, cfg, out: Path, d: dict, name: str, corpus: str, optimizer: str
         p = argparse.ArgumentParser()
         train_cmd.add_arguments(p)
         targs = p.parse_args(argv)
-        targs.resume = args.resume and (out / "train" / name / "ckpt").exists()
+        targs.resume = args.resume
         summary = train_cmd.launch(targs)
     curve = []
     with open(out / "train" / name / "log.csv") as f:
@@ -252,20 +301,44 @@ def build_table(runs: list[Run], selection: dict, stage_s: dict) -> tuple[list[d
             "train_wall_s": s.get("wall_s"),
             "select_wall_s": selection.get(sel, {}).get("wall_s"),
             "auroc": selection.get(sel, {}).get("auroc"),
+            "corrupt_kept": selection.get(sel, {}).get("corrupt_kept"),
         })
     head = ("| run | val loss | tokens-to-target vs random | bytes sent / rank | "
-            "optimizer state / rank | train s | selection s | corrupted-doc AUROC |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|\n")
+            "optimizer state / rank | train s | selection s | corrupted-doc AUROC | corrupted kept |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+
+    def speed(v):  # tokens_to_target_speedup is 0 for a run that never reaches the target
+        return "n/a" if v is None else ("not reached" if v == 0 else f"{v:.2f}x")
+
     body = "".join(
-        f"| {r['run']} | {f(r['val_loss'], '.4f')} | "
-        f"{f(r['speedup_vs_random'], '.2f') + 'x' if r['speedup_vs_random'] is not None else 'n/a'} | "
+        f"| {r['run']} | {f(r['val_loss'], '.4f')} | {speed(r['speedup_vs_random'])} | "
         f"{_fmt_bytes(r['bytes_per_rank'])} | {_fmt_bytes(r['opt_state_bytes'])} | "
-        f"{f(r['train_wall_s'], '.1f')} | {f(r['select_wall_s'], '.1f')} | {f(r['auroc'], '.3f')} |\n"
+        f"{f(r['train_wall_s'], '.1f')} | {f(r['select_wall_s'], '.1f')} | {f(r['auroc'], '.3f')} | "
+        f"{f(r['corrupt_kept'], '.0%')} |\n"
         for r in rows)
     stages = "| stage | wall s |\n|---|---:|\n" + "".join(
         f"| {k} | {v:.1f} |\n" for k, v in stage_s.items())
     return rows, head + body + "\n" + stages
+
+
+COLUMNS = """\
+How to read the table (one row per training run: `SELECTION+OPTIMIZER`):
+
+* **val loss** -- final loss on the held-out half of the target; lower is better.
+* **tokens-to-target vs random** -- how much sooner (in training tokens) the run reaches the
+  final validation loss of `random+lordo`; higher is better, 1.00x is random itself, "not
+  reached" means the run never got down to that loss within its steps.
+* **bytes sent / rank** -- what each rank's optimizer sent over the network; lower is better.
+* **optimizer state / rank** -- the optimizer's memory per rank; lower is better.
+* **train s**, **selection s** -- wall time of the training run and of scoring + selecting
+  (shared by the runs on the same selection).
+* **corrupted-doc AUROC** -- how well the selector's scores rank the clean documents above
+  the corrupted ones (0.5 = chance, 1 = perfect; embedded corpus only).
+* **corrupted kept** -- the share of corrupted documents in the selection (the pool is
+  about half corrupted; lower is better). The kept documents are in
+  `select/METHOD/selected.jsonl`, each with its `corrupted` flag and corruption `kind`.
+"""
 
 
 def plot_curves(runs: list[Run], path: Path) -> None:
@@ -292,61 +365,89 @@ def plot_curves(runs: list[Run], path: Path) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+def _folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def run(args) -> int:
+    from thresher.data.runs import check_run_folder
+
     _check(args)
-    cfg = MODES["quick" if args.quick else "default"]
     out = Path(args.out)
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("command", "resume")}
+    fresh = not check_run_folder(out, settings, resume=args.resume) and not args.resume
     out.mkdir(parents=True, exist_ok=True)
-    stage_s = {}
-    t0 = time.perf_counter()
-    print("[1/5] data: building the pool and the target split")
+    clock = _Clock(out / "stages.json")
+    try:
+        return _pipeline(args, MODES["quick" if args.quick else "default"], out, clock, settings)
+    except BaseException:
+        clock.end()
+        if fresh and not (out / "run.json").exists():
+            # failed on its inputs before the run was recorded: leave the folder as it was (it
+            # was empty), so that the corrected command can use it
+            shutil.rmtree(out / "data", ignore_errors=True)
+            (out / "stages.json").unlink(missing_ok=True)
+        raise
+    finally:
+        clock.end()  # an interrupted stage keeps its time for the resumed run's report
+
+
+def _pipeline(args, cfg, out: Path, clock: _Clock, settings: dict) -> int:
+    from thresher.data.runs import record_run
+
+    clock.begin("data")
+    print("[1/5] data: building the pool and the target split", flush=True)
     d = stage_data(args, cfg, out)
-    stage_s["data"] = time.perf_counter() - t0
+    record_run(out, settings)  # the inputs were good: from here on the folder holds this run
     print(f"      pool {d['sizes']['pool_docs']} docs ({len(d['pool_samples'])} samples of "
           f"{cfg['seq_len']} tokens), target {d['sizes']['target_docs']} docs for the "
           f"selectors, {d['sizes']['val_docs']} held out for validation; vocab "
-          f"{d['tok'].vocab_size}")
+          f"{d['tok'].vocab_size}", flush=True)
 
-    t0 = time.perf_counter()
-    print(f"[2/5] select: BLISS, loss filtering and random keep {args.fraction:.0%} of the pool")
+    clock.begin("select")
+    print(f"[2/5] select: BLISS, loss filtering and random keep {args.fraction:.0%} of the pool", flush=True)
     selection = stage_select(args, cfg, out, d)
-    stage_s["select"] = time.perf_counter() - t0
-    for m, info in selection.items():
-        extra = f", AUROC {info['auroc']:.3f}" if "auroc" in info else ""
-        print(f"      {m}: {info['docs']} docs in {info['wall_s']:.1f} s{extra}")
 
-    t0 = time.perf_counter()
+    clock.begin("train")
     print(f"[3/5] train: a fresh GPT per selection, LoRDO on {args.nproc} gloo ranks "
-          f"(+ DDPAdamW on the BLISS selection)")
+          f"(+ DDPAdamW on the BLISS selection)", flush=True)
     runs = [_train(args, cfg, out, d, f"{m}+lordo", selection[m]["path"], "lordo")
             for m in ("random", "loss", "bliss")]
     runs.append(_train(args, cfg, out, d, "bliss+ddp", selection["bliss"]["path"], "ddp"))
     for r in runs:
         r.selection = r.name.split("+")[0]
-    stage_s["train"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    print("[4/5] online: BLADE selects inside the training loop over the whole pool")
+    clock.begin("online")
+    print("[4/5] online: BLADE selects inside the training loop over the whole pool", flush=True)
     blade_opts = [x for k, v in cfg["blade"].items() for x in ("--select-opt", f"{k}={v}")]
     runs.append(_train(args, cfg, out, d, "blade+lordo", d["pool_path"], "lordo",
                        ["--select", "blade", *blade_opts]))
-    stage_s["online"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    rows, table = build_table(runs, selection, stage_s)
+    clock.begin("report")
     plot_curves(runs, out / "curves.png")
-    stage_s["report"] = time.perf_counter() - t0
+    clock.end()
+    stage_s = clock.totals()
     rows, table = build_table(runs, selection, stage_s)
+    resumed = ""
+    if clock.parts > 1:
+        resumed = (f"**Resumed run**: it ran in {clock.parts} parts (`--resume`); the finished stages "
+                   "were reused, and every wall time above adds up all the parts.\n\n")
     report = ("# thresher demo\n\n"
               f"mode: {'quick' if args.quick else 'default'}; pool {args.pool}, target "
-              f"{args.target}; {args.nproc} ranks; seed {args.seed}\n\n" + table +
-              "\n![validation loss](curves.png)\n")
+              f"{args.target}; keep {args.fraction:.0%}; {args.nproc} ranks; seed {args.seed} (one seed, "
+              "one run each)\n\n" + table +
+              "\n" + resumed + COLUMNS + "\n![validation loss](curves.png)\n")
     (out / "report.md").write_text(report)
     (out / "report.json").write_text(json.dumps({"rows": rows, "stages_s": stage_s,
-                                                 "sizes": d["sizes"]}, indent=1))
+                                                 "stages_this_run_s": clock.this_run,
+                                                 "parts": clock.parts, "sizes": d["sizes"]}, indent=1))
     print("[5/5] report\n")
     print(table)
-    print(f"wrote {out / 'report.md'} and {out / 'curves.png'}")
+    if resumed:
+        print(resumed.replace("**", ""), end="")
+    print(f"wrote {out / 'report.md'} and {out / 'curves.png'}; {out} holds "
+          f"{_folder_size(out) / 2**20:.0f} MB (checkpoints, tokenised data, selections: delete it "
+          "when done)")
     return 0
 
 

@@ -76,3 +76,25 @@ def test_bad_specs(tmp_path):
         load_tokenizer(tmp_path / "junk.json")
     with pytest.raises(TypeError, match="tokenizer spec"):
         load_tokenizer(3)
+
+
+def test_bpe_pre_splits_long_runs_and_round_trips(tmp_path):
+    # a long run without whitespace is one GPT-2 pre-token, which makes BPE training and
+    # encoding superlinear; it must be cut into pieces of at most MAX_RUN_CHARS characters
+    import random
+
+    from thresher.data.tokenizer import MAX_RUN_CHARS
+
+    rng = random.Random(0)
+    run = "".join(rng.choice("abcdefghij") for _ in range(20_000))
+    spaces = " " * 5_000
+    text = f"plain words here {run} and{spaces}more ünïcödé ✓{run[:999]}\n"
+    tok = load_tokenizer("bpe", train_docs=[text, "hello world " * 50], vocab_size=300,
+                         cache_dir=tmp_path)
+    pieces = tok._backend.pre_tokenizer.pre_tokenize_str(text)
+    assert max(len(p) for p, _ in pieces) <= MAX_RUN_CHARS
+    # ordinary words are not affected: the GPT-2 split still decides them
+    assert [p for p, _ in tok._backend.pre_tokenizer.pre_tokenize_str("plain words here")] == \
+        ["plain", "Ġwords", "Ġhere"]
+    for t in (text, run, spaces, "x" * (MAX_RUN_CHARS + 1), "é" * 3 * MAX_RUN_CHARS):
+        assert tok.decode(tok.encode(t)) == t

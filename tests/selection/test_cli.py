@@ -57,6 +57,8 @@ def scorers(monkeypatch):
         return MarkerScorer(**kw) if method == "marker" else real(method, **kw)
 
     monkeypatch.setattr(selection, "build_scorer", build, raising=False)
+    methods = base.available_methods()
+    monkeypatch.setattr(selection, "available_methods", lambda: [*methods, "marker"])
     MarkerScorer.calls = []
     MarkerScorer.fail_after = None
     return build
@@ -189,7 +191,7 @@ def test_embedded_pool(tmp_path, scorers, capsys):
     assert len(rows) == 12 and set(rows[0]) == {"text", "source", "unit", "kind", "corrupted"}
 
 
-def test_resume_keeps_finished_shards(tmp_path, scorers):
+def test_resume_keeps_finished_shards(tmp_path, scorers, capsys):
     pool, extra = _make_pool(tmp_path, "jsonl")
     ref_dir = tmp_path / "ref"
     assert _score(tmp_path, pool, extra, out="ref", more=["--shard-size", "4"]) == 0
@@ -197,8 +199,8 @@ def test_resume_keeps_finished_shards(tmp_path, scorers):
     n_shards = len(MarkerScorer.calls)
     assert n_shards >= 3
     MarkerScorer.calls, MarkerScorer.fail_after = [], 2
-    with pytest.raises(KeyboardInterrupt):
-        _score(tmp_path, pool, extra, out="run", more=["--shard-size", "4"])
+    assert _score(tmp_path, pool, extra, out="run", more=["--shard-size", "4"]) == 130  # Ctrl-C
+    assert "interrupted; rerun with --resume" in capsys.readouterr().err
     assert not (tmp_path / "run" / "scores.npy").exists()
     assert len(list((tmp_path / "run" / "shards").glob("*.npy"))) == 2
     # without --resume: refused; with other settings: refused
@@ -282,3 +284,182 @@ def test_failed_inputs_leave_out_reusable(tmp_path, scorers, capsys):
     assert not list((tmp_path / "run").iterdir())  # the pool's samples were removed again
     bad_target.write_text(json.dumps({"text": "x y z"}) + "\n")
     assert main(argv) == 0  # same --out, no --resume needed
+
+
+# ----------------------------------------------------------------------------------------
+# select never destroys or silently reuses data (issue 14 items 1, 3, 4, 5)
+
+
+def _scored(tmp_path, fmt="jsonl"):
+    pool, extra = _make_pool(tmp_path, fmt)
+    assert _score(tmp_path, pool, extra) == 0
+    return pool, str(tmp_path / "run")
+
+
+def _select(run, out, *more):
+    return main(["select", "--scores", run, "--fraction", "0.5", "--out", str(out), *more])
+
+
+def test_select_refuses_to_write_over_its_inputs(tmp_path, scorers, capsys):
+    pool, run = _scored(tmp_path)
+    before = pool.read_bytes()
+    for out in (pool, tmp_path / "run" / "manifest.json", tmp_path / "run"):
+        assert _select(run, out, "--overwrite") == 2
+        assert "would overwrite the input" in capsys.readouterr().err
+    assert _select(run, tmp_path / "sel.jsonl", "--ids-out", str(pool), "--overwrite") == 2
+    assert "--ids-out" in capsys.readouterr().err
+    assert pool.read_bytes() == before and not (tmp_path / "sel.jsonl").exists()
+    assert _select(run, tmp_path / "run" / "sel.jsonl") == 0  # a new file beside the scores is fine
+
+
+def test_select_refuses_an_existing_output_unless_overwrite(tmp_path, scorers, capsys):
+    _, run = _scored(tmp_path)
+    out, ids = tmp_path / "mine.jsonl", tmp_path / "mine.npy"
+    out.write_text("my own file\n")
+    assert _select(run, out) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == "my own file\n"
+    ids.write_bytes(b"mine")
+    assert _select(run, tmp_path / "new.jsonl", "--ids-out", str(ids)) == 2
+    assert ids.read_bytes() == b"mine" and not (tmp_path / "new.jsonl").exists()  # nothing written
+    assert _select(run, out, "--ids-out", str(ids), "--overwrite") == 0
+    assert len(out.read_text().splitlines()) == 7 and len(np.load(ids)) == 7
+    # a folder output: an existing non-empty folder likewise
+    folder = tmp_path / "selfolder"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    assert _select(run, folder) == 2 and (folder / "keep.txt").read_text() == "mine"
+    assert _select(run, folder, "--overwrite") == 0
+    assert not (folder / "keep.txt").exists() and len(list(folder.iterdir())) == 7
+
+
+def test_failed_pool_check_keeps_the_existing_output(tmp_path, scorers, capsys):
+    pool, run = _scored(tmp_path)
+    out = tmp_path / "sel.jsonl"
+    assert _select(run, out) == 0
+    before = out.read_bytes()
+    # a manifest from before fingerprints: only the count check, which runs while reading
+    m = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(m.read_text())
+    del manifest["pool"]["fingerprint"]
+    m.write_text(json.dumps(manifest))
+    pool.write_text(pool.read_text() + json.dumps({"body": "one more"}) + "\n")
+    assert _select(run, out, "--overwrite") == 2
+    assert "pool changed" in capsys.readouterr().err
+    assert out.read_bytes() == before  # not deleted, not replaced
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sel.jsonl.")]  # no temp file left
+
+
+def test_pool_with_the_same_count_but_other_documents_is_refused(tmp_path, scorers, capsys):
+    pool, run = _scored(tmp_path)
+    lines = pool.read_text().splitlines()
+    lines[0], lines[1] = lines[1], lines[0]  # same documents, same count, other order
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(lines) + "\n")
+    assert _select(run, tmp_path / "sel.jsonl", "--pool", str(other)) == 2
+    assert "pool changed since scoring" in capsys.readouterr().err
+    assert not (tmp_path / "sel.jsonl").exists()
+    same = tmp_path / "moved.jsonl"
+    same.write_bytes(pool.read_bytes())
+    assert _select(run, tmp_path / "sel.jsonl", "--pool", str(same)) == 0  # a moved pool is fine
+
+
+def test_select_txt_from_a_jsonl_pool(tmp_path, scorers):
+    _, run = _scored(tmp_path)
+    assert _select(run, tmp_path / "sel.txt") == 0
+    docs = list(read_documents(tmp_path / "sel.txt", split="paragraph:0"))
+    assert len(docs) == 7 and all(d.text.startswith(("KEEP", "drop")) for d in docs)
+
+
+def test_outputs_honour_the_umask(tmp_path, scorers):
+    import os
+
+    _, run = _scored(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert _select(run, tmp_path / "sel.jsonl", "--ids-out", str(tmp_path / "ids.npy")) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "sel.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "ids.npy").stat().st_mode & 0o777 == 0o644
+
+
+def test_threshold_keeping_nothing_is_an_error(tmp_path, scorers, capsys):
+    _, run = _scored(tmp_path)
+    out = tmp_path / "none.jsonl"
+    assert main(["select", "--scores", run, "--strategy", "threshold", "--threshold", "5",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "keeps none of the 13 documents" in err and "document scores range from 0 to" in err
+    assert not out.exists()
+
+
+def test_file_system_errors_are_one_line(tmp_path, scorers, capsys, monkeypatch):
+    _, run = _scored(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    assert _select(run, tmp_path / "afile" / "sel.jsonl") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "adir.jsonl").mkdir()
+    assert _select(run, tmp_path / "adir.jsonl", "--overwrite") == 2
+    assert "is an existing folder, not a file" in capsys.readouterr().err
+    # any OSError while writing (read-only disk, quota...) is one line naming the file
+    import thresher.data.documents as documents
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "sel.jsonl"))
+
+    monkeypatch.setattr(documents, "_write_jsonl", denied)
+    assert _select(run, tmp_path / "ro" / "sel.jsonl") == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"thresher select: error: Permission denied: "
+                                        f"{str(tmp_path / 'ro' / 'sel.jsonl')!r}"]
+
+
+def test_score_checks_the_device_and_method_before_writing(tmp_path, scorers, capsys):
+    import torch
+
+    pool, extra = _make_pool(tmp_path, "jsonl")
+    if not torch.cuda.is_available():
+        assert _score(tmp_path, pool, extra, out="cuda", more=["--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert _score(tmp_path, pool, extra, out="bad", method="loss", more=["--opt", "nonsense=1"]) == 2
+    assert "--method loss rejects its options" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert _score(tmp_path, pool, extra, out="bad", method="random") == 0  # the corrected rerun
+
+
+def test_jsonl_utf8_error_names_file_and_line(tmp_path, scorers, capsys):
+    pool = tmp_path / "bad.jsonl"
+    pool.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    assert _score(tmp_path, pool, [], out="u") == 2
+    assert f"{pool}:2: not valid UTF-8" in capsys.readouterr().err
+
+
+def test_messages_name_the_flag_not_the_tokenizer(tmp_path, scorers, capsys):
+    pool, _ = _make_pool(tmp_path, "jsonl")  # its text field is "body"
+    bpe = ["--tokenizer", "bpe", "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache")]
+    assert _score(tmp_path, pool, [], out="a", more=bpe) == 2
+    err = capsys.readouterr().err
+    assert "no field 'text'" in err and "error: --tokenizer" not in err, err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert _score(tmp_path, tmp_path / "empty.jsonl", [], out="b", more=bpe) == 2
+    err = capsys.readouterr().err
+    assert "holds no documents" in err and "cannot train" not in err, err
+    with pytest.raises(SystemExit):
+        main(["score", "--method", "random", "--pool", "embedded", "--target", "embedded",
+              "--embedded-size", "tiny", "--out", str(tmp_path / "d")])
+    assert "argument --embedded-size: expected quick or default" in capsys.readouterr().err
+
+
+def test_resumed_bliss_says_where_it_resumes(tmp_path, scorers, capsys):
+    import shutil
+
+    pool, extra = _make_pool(tmp_path, "jsonl")
+    opts = ["--opt", "warmup_steps=2", "--opt", "outer_steps=2", "--opt", "inner_steps=1",
+            "--opt", 'model={"d_model": 16, "n_layers": 1, "n_heads": 2}']
+    assert _score(tmp_path, pool, extra, out="b", method="bliss", more=opts) == 0
+    assert "resuming" not in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "b" / "shards")
+    (tmp_path / "b" / "manifest.json").unlink()
+    assert _score(tmp_path, pool, extra, out="b", method="bliss", more=[*opts, "--resume"]) == 0
+    assert "bliss: resuming from outer step 2 of 2" in capsys.readouterr().err

@@ -16,13 +16,29 @@ from typing import IO, Iterator
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _mkstemp_beside(path: Path) -> str:
+    """A temporary file beside ``path`` with the permissions a plain ``open`` would give it
+    (mkstemp makes it 0600, whatever the umask)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
     """``open(path, mode)`` that only replaces ``path`` when the block finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _mkstemp_beside(path)
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f
@@ -40,9 +56,7 @@ def atomic_tmp_path(path: str | os.PathLike) -> Path:
     ``np.save``); call :func:`commit` on it afterwards."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    return Path(_mkstemp_beside(path))
 
 
 def commit(tmp: Path, path: str | os.PathLike) -> None:

@@ -61,6 +61,7 @@ __all__ = [
     "write_documents",
     "write_selected",
     "count_documents",
+    "output_is_folder",
 ]
 
 FORMATS = ("jsonl", "parquet", "txt", "folder", "hf")
@@ -206,8 +207,13 @@ def count_documents(path, text_field: str = "text", **kwargs) -> int:
 
 def _read_jsonl(p: Path, text_field: str) -> Iterator[Document]:
     i = 0
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{p}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line: "
+                                 f"{raw[e.start:e.start + 1]!r}); a jsonl file must be UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -395,6 +401,21 @@ def _out_format(out: Path, like_fmt: str | None) -> str:
     return "hf" if like_fmt == "hf" else "folder"
 
 
+def output_is_folder(path: str | os.PathLike, like_fmt: str | None = None) -> bool:
+    """Whether :func:`write_documents` writes ``path`` as a folder (text files or a HF
+    dataset) rather than one file; raises ``ValueError`` for an unknown suffix."""
+    return _out_format(Path(path), like_fmt) in ("folder", "hf")
+
+
+def _check_out(out: Path, fmt: str, overwrite: bool) -> None:
+    if fmt in ("folder", "hf"):
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+            raise ValueError(f"out {str(out)!r} exists and is not an empty folder"
+                             + ("" if overwrite or not out.is_dir() else " (pass overwrite=True to replace it)"))
+    elif out.is_dir():
+        raise ValueError(f"out {str(out)!r} is a folder; a {fmt} output is one file")
+
+
 def write_documents(
     docs: Iterable[Document],
     path: str | os.PathLike,
@@ -403,6 +424,7 @@ def write_documents(
     text_field: str = "text",
     split: str | None = None,
     hf_split: str | None = None,
+    overwrite: bool = False,
 ) -> int:
     """Write ``docs`` to ``path``; returns the number written.
 
@@ -410,21 +432,20 @@ def write_documents(
     of text files, or a HF dataset when ``like`` is one). When ``like`` (the source corpus)
     has the same format, its details are kept: the parquet schema, the HF features, the
     text files themselves (copied byte for byte), the text file's split rule. Files are
-    written atomically; a folder output must not exist yet or be empty."""
+    written atomically; a folder output must not exist yet or be empty (``overwrite=True``:
+    a non-empty one is replaced once the new one is complete)."""
     out = Path(path)
     like_p = Path(like) if like is not None else None
     like_fmt = detect_format(like_p) if like_p is not None else None
     fmt = _out_format(out, like_fmt)
     same = like_fmt == fmt
-    if fmt in ("folder", "hf"):
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ValueError(f"out {str(out)!r} exists and is not an empty folder")
+    _check_out(out, fmt, overwrite)
     if fmt == "jsonl":
         return _write_jsonl(docs, out, text_field)
     if fmt == "parquet":
         return _write_parquet(docs, out, text_field, like_p if same else None)
     if fmt == "txt":
-        if split is None:
+        if split is None or split == "auto":  # (a jsonl/parquet source has no split: "auto")
             split = resolve_split(like_p) if same else f"paragraph:{DEFAULT_PARAGRAPH_CHARS}"
         return _write_txt(docs, out, _separator(split))
     if fmt == "folder":
@@ -500,7 +521,14 @@ def _staging_dir(out: Path) -> Path:
 
 def _finish_dir(tmp: Path, out: Path) -> None:
     if out.exists():
-        out.rmdir()  # empty (checked before writing)
+        if any(out.iterdir()):  # overwrite=True (checked before writing): swap, then delete the old one
+            old = _staging_dir(out)
+            old.rmdir()
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        out.rmdir()
     os.replace(tmp, out)
 
 
@@ -554,11 +582,13 @@ def write_selected(
     split: str = "auto",
     hf_split: str | None = None,
     n_docs: int | None = None,
+    overwrite: bool = False,
 ) -> int:
     """Write the documents of ``source`` whose ids are in ``ids`` to ``out`` (streaming; in
     ``out``'s format, keeping the source's details as :func:`write_documents` does).
     ``n_docs``, when given, is checked against the source (a changed source would map the
-    ids to other documents)."""
+    ids to other documents) before the output is committed: on a mismatch ``out`` is left as
+    it was."""
     source = Path(source)
     ids = np.unique(np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64))
     fmt = detect_format(source)
@@ -569,27 +599,23 @@ def write_selected(
         ds = _load_hf(source, hf_split)  # exact and memory-mapped: Dataset.select
         _check_count(len(ds), n_docs, source)
         _check_ids(ids, len(ds))
-        if out_p.exists() and (not out_p.is_dir() or any(out_p.iterdir())):
-            raise ValueError(f"out {str(out_p)!r} exists and is not an empty folder")
+        _check_out(out_p, "hf", overwrite)
         _save_hf(ds.select(ids.tolist()), out_p)
         return len(ids)
     keep = set(ids.tolist())
-    seen = [0]
 
     def chosen():
+        seen = 0
         for doc in read_documents(source, text_field, split=split, format=fmt, hf_split=hf_split):
-            seen[0] += 1
+            seen += 1
             if doc.id in keep:
                 yield doc
+        # raised inside the writer's loop, so the half-written output is discarded, not committed
+        _check_count(seen, n_docs, source)
+        _check_ids(ids, seen)
 
-    n = write_documents(chosen(), out_p, like=source, text_field=text_field, split=split, hf_split=hf_split)
-    try:
-        _check_count(seen[0], n_docs, source)
-        _check_ids(ids, seen[0])
-    except ValueError:  # the ids meant other documents: do not leave a wrong output behind
-        shutil.rmtree(out_p) if out_p.is_dir() else out_p.unlink(missing_ok=True)
-        raise
-    return n
+    return write_documents(chosen(), out_p, like=source, text_field=text_field, split=split,
+                           hf_split=hf_split, overwrite=overwrite)
 
 
 def _check_count(found: int, expected: int | None, source) -> None:

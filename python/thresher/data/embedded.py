@@ -44,7 +44,7 @@ import numpy as np
 
 from .documents import Document, write_documents
 
-__all__ = ["Corpus", "embedded_corpus", "CORRUPTION_KINDS", "EMBEDDED_SIZES"]
+__all__ = ["Corpus", "embedded_corpus", "embedded_size_arg", "CORRUPTION_KINDS", "EMBEDDED_SIZES"]
 
 # name -> (pool documents, target documents, per-unit cap multiplier)
 EMBEDDED_SIZES = {"quick": (1500, 300, 1), "default": (5000, 1000, 3)}
@@ -257,6 +257,19 @@ def _corrupt(text: str, kind: str, rng: np.random.Generator) -> str:
 
 
 # ----------------------------------------------------------------------------------------
+
+
+def embedded_size_arg(text: str):
+    """argparse ``type`` of ``--embedded-size``: a size name or a document count >= 10 (an
+    error names the flag before anything runs)."""
+    import argparse
+
+    if text in EMBEDDED_SIZES:
+        return text
+    if text.isdigit() and int(text) >= 10:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected {' or '.join(EMBEDDED_SIZES)} or a number of pool "
+                                     f"documents >= 10, got {text!r}")
 
 
 def embedded_corpus(seed: int = 0, size: str | int = "default", *, corrupt_fraction: float = 0.5) -> Corpus:

@@ -11,8 +11,9 @@ communication (see thresher.optim).
 Data: ``--corpus`` is "embedded" (the built-in corpus: its pool trains, its target
 validates), or any path thresher.data reads (jsonl, parquet, text); ``--val-corpus`` gives
 the validation documents (default: every ``--val-every-nth`` document of the corpus is held
-out). The tokenised samples are cached in ``--data-cache`` (default OUT/data) and prepared
-once, before the ranks start (torchrun: by rank 0 behind a barrier).
+out). The tokenised samples are cached in ``--data-cache`` (default OUT/data) under a key of
+the data settings and the *content* of the corpus files (a changed corpus is tokenised
+again), prepared once, before the ranks start (torchrun: by rank 0 behind a barrier).
 
 Batches: step t of epoch e takes the samples ``perm_e[t*W*B + r*B : ...]`` on rank r (a
 permutation shared by all ranks from the seed), so a run is deterministic and resuming
@@ -24,6 +25,12 @@ lr), ``loss_vs_bytes.png``, ``summary.json``, and ``ckpt/rank{r}.pt`` (atomic, e
 Validation loss is each rank's own model on a shard of the validation samples, averaged over
 the ranks (a metrics all-reduce, not counted in the optimizer's bytes); for local-update
 methods it is the synced model whenever the step is a multiple of ``--sync-every``.
+
+``OUT/run.json`` records the settings once the run has validated them and built its model,
+optimizer and selector (:mod:`thresher.data.runs`): a folder holding a run is only continued
+with ``--resume`` and with the same settings; only ``--steps`` (extend a run) and settings
+that do not change the training (progress, plots, timeouts, threads, checkpoint period, data
+cache folder) may differ.
 """
 from __future__ import annotations
 
@@ -43,6 +50,8 @@ CSV_FIELDS = ("step", "tokens", "train_loss", "val_loss", "comm_bytes", "wall_s"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from thresher.data.embedded import embedded_size_arg
+
     g = p.add_argument_group("data")
     g.add_argument("--corpus", default="embedded",
                    help="'embedded' or a path (jsonl, parquet, .txt, folder, HF dataset dir)")
@@ -50,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-field", default="text")
     g.add_argument("--val-every-nth", type=int, default=20,
                    help="without --val-corpus, every n-th document validates")
-    g.add_argument("--embedded-size", default="quick", help="'quick' or 'default'")
+    g.add_argument("--embedded-size", default="quick", type=embedded_size_arg, help="'quick' or 'default'")
     g.add_argument("--tokenizer", default="bpe", help="'bpe' (trained, cached), 'byte' or a path")
     g.add_argument("--vocab-size", type=int, default=4096)
     g.add_argument("--seq-len", type=int, default=128)
@@ -116,9 +125,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+def _content(path):
+    """A corpus or tokenizer argument with the fingerprint of what it names (None, 'embedded',
+    'bpe' and 'byte' name no file)."""
+    from thresher.data.runs import fingerprint
+
+    if path is None or path in ("embedded", "bpe", "byte") or not os.path.exists(path):
+        return path
+    return [os.path.abspath(path), fingerprint(path)]
+
+
 def _data_key(args) -> str:
-    desc = json.dumps([args.corpus, args.val_corpus, args.text_field, args.val_every_nth,
-                       args.embedded_size, args.tokenizer, args.vocab_size, args.seq_len])
+    desc = json.dumps([_content(args.corpus), _content(args.val_corpus), args.text_field,
+                       args.val_every_nth, args.embedded_size, _content(args.tokenizer),
+                       args.vocab_size, args.seq_len])
     return hashlib.sha1(desc.encode()).hexdigest()[:12]
 
 
@@ -225,6 +245,16 @@ def lr_at(args, step: int) -> float:
 # ----------------------------------------------------------------------------------------
 
 
+# settings that may change when a run is resumed: they do not change the training
+RESUMABLE_CHANGES = ("command", "resume", "steps", "no_progress", "no_plot", "timeout", "threads",
+                     "ckpt_every", "data_cache")
+
+
+def run_settings(args) -> dict:
+    """The settings recorded in OUT/run.json and compared on --resume."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_CHANGES}
+
+
 def _parse_opts(items):
     out = {}
     for item in items:
@@ -300,6 +330,10 @@ def train_rank(args, rank: int, world: int) -> dict:
     model = GPT(cfg).to(device)
     opt = build_optimizer(args, model)
     selector = _build_selector(args, model, val)
+    if rank == 0:  # validated and built: from here on the folder holds this run
+        from thresher.data.runs import record_run
+
+        record_run(args.out, run_settings(args))
     torch.manual_seed(args.seed * 7919 + rank + 1)  # per-rank stream (dropout, selectors)
 
     ckpt = os.path.join(args.out, "ckpt", f"rank{rank}.pt")
@@ -458,9 +492,27 @@ def plot_loss_vs_bytes(series, path, title="validation loss vs bytes sent per ra
 # ----------------------------------------------------------------------------------------
 
 
-def _spawned(rank, world, port, args, queue):
+def _exit_with_parent(parent: int) -> None:
+    """A spawned rank must not outlive its launcher (killed, or dead of a signal): a daemon
+    thread ends the rank once its parent is gone."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+
+
+# errors a rank reports as one line (bad input), like the launcher's own
+_USER_ERRORS = ("ValueError", "TypeError", "FileNotFoundError", "PermissionError", "ImportError")
+
+
+def _spawned(rank, world, port, args, queue, parent):
     import torch.distributed as dist
 
+    _exit_with_parent(parent)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -469,27 +521,61 @@ def _spawned(rank, world, port, args, queue):
         summary = train_rank(args, rank, world)
         dist.destroy_process_group()
         queue.put((rank, "ok", json.dumps(summary)))
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: the launcher says it once
+        raise SystemExit(130)
     except BaseException as exc:
         import traceback
 
-        queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        if type(exc).__name__ in _USER_ERRORS:
+            queue.put((rank, "user", f"{exc}"))
+        else:
+            queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise SystemExit(1)
 
 
 def validate_args(args) -> None:
+    """Everything that can be checked before a file is written."""
     for name in ("steps", "batch_size", "nproc", "eval_every", "ckpt_every", "sync_every",
-                 "seq_len", "eval_samples", "val_every_nth"):
+                 "seq_len", "eval_samples", "val_every_nth", "rank"):
         v = getattr(args, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2, got {args.seq_len}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+    for name in ("warmup", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.tokenizer == "bpe" and args.vocab_size < 260:
+        raise ValueError(f"--vocab-size must be >= 260 for the BPE tokenizer, got {args.vocab_size}")
+    if args.corpus != "embedded" and not os.path.exists(args.corpus):
+        raise ValueError(f"--corpus {args.corpus!r}: no such file or folder")
+    if args.val_corpus is not None and not os.path.exists(args.val_corpus):
+        raise ValueError(f"--val-corpus {args.val_corpus!r}: no such file or folder")
+    if args.select:
+        from thresher.selection.online import ONLINE_SELECTORS
+
+        if args.select not in ONLINE_SELECTORS:
+            raise ValueError(f"--select must be one of {', '.join(ONLINE_SELECTORS)}, got {args.select!r}")
+    if args.select_opt and not args.select:
+        raise ValueError(f"--select-opt {' '.join(args.select_opt)} needs --select (the online selector "
+                         "it configures)")
+    _parse_opts(args.select_opt)
 
 
 def launch(args) -> dict:
     """Runs the training (spawning --nproc ranks, or joining torchrun's group); returns rank
     0's summary."""
+    from thresher.data.runs import check_run_folder
+
     validate_args(args)
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    check_run_folder(args.out, run_settings(args), resume=args.resume, shared=torchrun)
     os.makedirs(args.out, exist_ok=True)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if torchrun:
         import torch
         import torch.distributed as dist
 
@@ -515,22 +601,34 @@ def launch(args) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_spawned, args=(r, args.nproc, port, args, queue))
+    procs = [ctx.Process(target=_spawned, args=(r, args.nproc, port, args, queue, os.getpid()))
              for r in range(args.nproc)]
-    for p in procs:
-        p.start()
     results = {}
-    while len(results) < args.nproc:
-        if not queue.empty():
-            rank, status, out = queue.get()
-            results[rank] = (status, out)
-            if status == "error":
+    try:
+        for p in procs:
+            p.start()
+        while len(results) < args.nproc:
+            if not queue.empty():
+                rank, status, out = queue.get()
+                results[rank] = (status, out)
+                if status != "ok":
+                    break
+            elif not any(p.is_alive() for p in procs) and queue.empty():
                 break
-        elif not any(p.is_alive() for p in procs) and queue.empty():
-            break
-        else:
-            time.sleep(0.1)
-    deadline = time.monotonic() + args.timeout + 30
+            else:
+                time.sleep(0.1)
+    except BaseException:  # Ctrl-C or a kill of the launcher: the ranks stop with it
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        raise
+    # after a rank failed, the others are stuck in a collective: give them a moment, not the timeout
+    failed = any(status != "ok" for status, _ in results.values())
+    deadline = time.monotonic() + (10 if failed else args.timeout + 30)
     for p in procs:
         p.join(timeout=max(1.0, deadline - time.monotonic()))
         if p.is_alive():
@@ -538,6 +636,9 @@ def launch(args) -> dict:
     while not queue.empty():
         rank, status, out = queue.get()
         results[rank] = (status, out)
+    user = [f"rank {r}: {o}" for r, (s, o) in sorted(results.items()) if s == "user"]
+    if user:  # a bad input found by a rank: one line, like the launcher's own checks
+        raise ValueError(user[0])
     errors = [f"rank {r}: {o}" for r, (s, o) in sorted(results.items()) if s == "error"]
     if errors or 0 not in results:
         raise RuntimeError("thresher train failed:\n" + ("\n".join(errors) or
@@ -552,9 +653,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="thresher train", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """``torchrun ... -m thresher.optim.train_cmd ARGS`` = ``thresher train ARGS`` (same errors)."""
+    from thresher.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
@@ -423,6 +424,8 @@ class BlissScorer(Scorer):
                                             betas=c.betas, weight_decay=c.weight_decay)
                 self.proxy_opt = self._new_proxy_opt()
                 self._load_state(st)
+                print(f"bliss: resuming from outer step {self.step} of {c.outer_steps} "
+                      f"({self._ckpt_path()})", file=sys.stderr)
         bar = tqdm(total=c.outer_steps, initial=self.step, desc="bliss: outer", disable=not progress,
                    leave=False)
         while self.step < c.outer_steps:

@@ -16,7 +16,9 @@ Steps (each resumable with ``--resume``):
    ``OUT/manifest.json``. ``thresher select`` merges the shards itself if a rank could not.
 
 Every file is written atomically (temp file, fsync, rename). ``OUT/run.json`` holds the
-settings; ``--resume`` refuses to continue a run with different settings.
+settings, including a content fingerprint of the pool and the target
+(:mod:`thresher.data.runs`); ``--resume`` refuses to continue a run with different settings
+or changed inputs, and ``thresher select`` refuses a pool whose content changed.
 """
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ from pathlib import Path
 import numpy as np
 
 from thresher.data.atomic import save_json, save_npy
+from thresher.data.embedded import embedded_size_arg
+from thresher.data.runs import check_run_folder, fingerprint, record_run
 
 MANIFEST_VERSION = 1
 METHODS = ("bliss", "color", "miniplm", "excess", "loss", "random", "qurating")
 
 
-class CommandError(Exception):
+class CommandError(ValueError):
     """A user-facing error: printed as ``thresher <cmd>: error: ...``, exit status 2."""
 
 
@@ -59,7 +63,8 @@ def source_spec(path: str, *, text_field: str, split: str, hf_split, corpus_seed
     if not p.exists():
         raise CommandError(f"--{role}: no such file or folder: {path!r}")
     fmt = detect_format(p)
-    spec = {"path": str(p.resolve()), "format": fmt, "text_field": text_field, "role": role}
+    spec = {"path": str(p.resolve()), "format": fmt, "text_field": text_field, "role": role,
+            "fingerprint": fingerprint(p)}
     if fmt == "txt":
         spec["split"] = resolve_split(p, split)
     if fmt == "hf":
@@ -120,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "paragraphs merged to >= 1000 characters)")
     parser.add_argument("--target-split", default="auto", help="--split for a .txt target (default auto)")
     parser.add_argument("--hf-split", default=None, help="split of a saved HF DatasetDict")
-    parser.add_argument("--embedded-size", default="default", help="size of the embedded corpus: quick, default or a number")
+    parser.add_argument("--embedded-size", default="default", type=embedded_size_arg, help="size of the embedded corpus: quick, default or a number")
     parser.add_argument("--corpus-seed", type=int, default=0, help="seed of the embedded corpus (default 0)")
     parser.add_argument("--tokenizer", default="bpe",
                         help="bpe (trained on the pool, cached), byte, or a local HF tokenizer path")
@@ -154,18 +159,42 @@ def _options(args) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def report_errors(command: str, body, args) -> int:
-    """Runs ``body(args)``; a bad input (path, field, option, empty corpus) is printed as
-    ``thresher <command>: error: ...`` with exit status 2 instead of a traceback."""
-    try:
-        return body(args)
-    except (CommandError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        print(f"thresher {command}: error: {e}", file=sys.stderr)
-        return 2
-
-
 def run(args) -> int:
-    return report_errors("score", _run, args)
+    return _run(args)
+
+
+def check_device(device: str) -> None:
+    """``--device`` names a device this torch can use (checked before any work)."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CommandError(f"--device {device!r}: {e}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {device!r}: CUDA is not available (a CPU build of torch, or no "
+                               "GPU visible); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {device!r}: MPS is not available; use --device cpu")
+
+
+def _check_method(args) -> None:
+    """Builds the scorer once with a provisional vocabulary so that a bad --method or option
+    fails before anything is written (the real one is built after the data step)."""
+    import thresher.selection as selection
+
+    methods = selection.available_methods()
+    if args.method not in methods:
+        raise CommandError(f"--method must be one of {', '.join(methods)}, got {args.method!r}")
+    try:
+        selection.build_scorer(args.method, vocab_size=max(args.vocab_size, 260), seed=args.seed,
+                               device=args.device, **_options(args))
+    except (TypeError, ValueError) as e:
+        raise CommandError(f"--method {args.method} rejects its options (--steps/--batch-size/--lr/--model/"
+                           f"--opt): {e}") from None
 
 
 def _rank_world() -> tuple[int, int]:
@@ -179,9 +208,14 @@ def _run(args) -> int:
         raise CommandError(f"--seq-len must be >= 2, got {args.seq_len}")
     if args.shard_size < 1 or args.score_batch_size < 1:
         raise CommandError("--shard-size and --score-batch-size must be positive")
+    if args.tokenizer == "bpe" and args.vocab_size < 260:
+        raise CommandError(f"--vocab-size must be >= 260 for the BPE tokenizer (256 bytes + 2 specials + "
+                           f"merges), got {args.vocab_size}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {args.out!r} exists and is not a folder")
+    check_device(args.device)
+    _check_method(args)
     pool_spec = source_spec(args.pool, text_field=args.text_field, split=args.split, hf_split=args.hf_split,
                             corpus_seed=args.corpus_seed, embedded_size=args.embedded_size, role="pool")
     target_spec = source_spec(args.target, text_field=args.target_text_field or args.text_field,
@@ -190,24 +224,14 @@ def _run(args) -> int:
     settings = {"method": args.method, "options": _options(args), "pool": pool_spec, "target": target_spec,
                 "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "seq_len": args.seq_len,
                 "seed": args.seed, "shard_size": args.shard_size}
-    run_file = out / "run.json"
     rank, world = _rank_world()
-    if run_file.is_file():
-        # under torchrun the ranks start together: another rank may have written run.json
-        if not args.resume and world == 1:
-            raise CommandError(f"--out {args.out!r} already holds a run; pass --resume to continue it "
-                               "or choose another folder")
-        old = json.loads(run_file.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            raise CommandError(f"settings differ from the run in {args.out!r}: {', '.join(diff)}")
-    elif out.is_dir() and any(out.iterdir()) and not args.resume and world == 1:
-        raise CommandError(f"--out {args.out!r} is a non-empty folder without a thresher run")
+    # under torchrun the ranks start together: another rank may have written run.json
+    check_run_folder(out, settings, resume=args.resume, shared=world > 1)
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. data --------------------------------------------------------------------------
     data = _prepare_data(args, out, pool_spec, target_spec, progress)
-    save_json(run_file, settings)  # after the data: a run that failed on its inputs can be redone
+    record_run(out, settings)  # after the data: a run that failed on its inputs can be redone
     t_data = time.perf_counter()
     from thresher.data import Samples
 
@@ -266,11 +290,20 @@ def _prepare_data(args, out: Path, pool_spec: dict, target_spec: dict, progress:
     from thresher.data import load_tokenizer, pack
 
     t = time.perf_counter()
+    read = [0]
     try:
-        tok = load_tokenizer(args.tokenizer, train_docs=open_source(pool_spec) if args.tokenizer == "bpe" else None,
+        tok = load_tokenizer(args.tokenizer, train_docs=_reading(open_source(pool_spec), read)
+                             if args.tokenizer == "bpe" else None,
                              vocab_size=args.vocab_size, cache_dir=args.cache_dir)
+    except _ReadError as e:  # the pool itself is bad (a wrong field, bad JSON): not the tokenizer's fault
+        raise e.__cause__ from None
     except ValueError as e:
-        raise CommandError(f"--tokenizer: {e}") from None
+        if args.tokenizer == "bpe" and "hold no text" in str(e):
+            if read[0] == 0:
+                raise CommandError(f"--pool {pool_spec['path']!r} holds no documents (empty corpus)") from None
+            raise CommandError(f"--pool {pool_spec['path']!r}: every document is empty (no text to train "
+                               "the BPE tokenizer on)") from None
+        raise CommandError(f"--tokenizer {args.tokenizer!r}: {e}") from None
     t_tok = time.perf_counter() - t
     counts = {}
     try:
@@ -297,6 +330,24 @@ def _prepare_data(args, out: Path, pool_spec: dict, target_spec: dict, progress:
             "counts": counts}
     save_json(data_file, data)
     return data
+
+
+class _ReadError(Exception):
+    """An error raised while reading a corpus (its cause is the reader's own error)."""
+
+
+def _reading(docs, count: list):
+    """``docs``, counting them in ``count[0]``; a reader error comes out as ``_ReadError``."""
+    it = iter(docs)
+    while True:
+        try:
+            doc = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise _ReadError() from e
+        count[0] += 1
+        yield doc
 
 
 def _shard_path(out: Path, k: int) -> Path:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from .score_cmd import CommandError, _embedded, finalize, report_errors
+from .score_cmd import CommandError, _embedded, finalize
 from .strategies import STRATEGIES, select_gumbel, select_threshold, select_topk
 
 REDUCTIONS = ("mean", "token_mean", "max", "min", "sum")
@@ -39,11 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool", default=None, help="read the pool from here instead of the path in the manifest "
                                                      "(it must hold the same documents)")
     parser.add_argument("--ids-out", default=None, help="also write the selected document ids (.npy)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out / --ids-out (default: refuse)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
-    return report_errors("select", _run, args)
+    return _run(args)
 
 
 def load_scores(folder: str | Path, reduce: str = "mean") -> tuple[dict, np.ndarray, np.ndarray]:
@@ -73,7 +76,42 @@ def load_scores(folder: str | Path, reduce: str = "mean") -> tuple[dict, np.ndar
     return manifest, scores, doc
 
 
+def _overlaps(a: Path, b: Path) -> bool:
+    """a and b are the same path or one lies inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output(flag: str, path: Path, *, overwrite: bool, inputs: dict[str, Path], folder: bool | None) -> None:
+    """Refuses, before anything is written, an output that would replace or sit inside an
+    input, an existing output without --overwrite, and one that cannot be created.
+    ``folder``: whether the output is a folder (None: not known)."""
+    p = Path(os.path.abspath(path))
+    for name, inp in inputs.items():
+        inp = Path(os.path.abspath(inp))
+        if name == "--scores" and inp in p.parents and not p.exists():
+            continue  # a new file beside the scores replaces nothing
+        if _overlaps(p, inp):
+            raise CommandError(f"{flag} {str(path)!r} would overwrite the input {name} {str(inp)!r}; "
+                               "write the selection somewhere else")
+    if p.exists():
+        if p.is_dir() and folder is False:
+            raise CommandError(f"{flag} {str(path)!r} is an existing folder, not a file")
+        if not p.is_dir() and folder:
+            raise CommandError(f"{flag} {str(path)!r} is an existing file, not a folder")
+        if not overwrite and not (p.is_dir() and not any(p.iterdir())):
+            raise CommandError(f"{flag} {str(path)!r} already exists; pass --overwrite to replace it")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CommandError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"{flag} {str(path)!r}: the folder {str(parent)!r} is not writable")
+
+
 def _run(args) -> int:
+    from thresher.data.documents import output_is_folder
+
     if args.strategy == "threshold":
         if args.threshold is None:
             raise CommandError("--strategy threshold needs --threshold")
@@ -82,6 +120,43 @@ def _run(args) -> int:
     elif not 0.0 < args.fraction <= 1.0:
         raise CommandError(f"--fraction must be in (0, 1], got {args.fraction}")
     manifest, _, doc = load_scores(args.scores, args.reduce)
+    pool = dict(manifest["pool"])
+    embedded = pool["format"] == "embedded"
+    src = None
+    if embedded:
+        if args.pool is not None:
+            raise CommandError("--pool cannot replace the embedded pool")
+    else:
+        from thresher.data import detect_format
+
+        src = Path(args.pool) if args.pool is not None else Path(pool["path"])
+        if not src.exists():
+            raise CommandError(f"the pool {str(src)!r} does not exist (moved? pass --pool)")
+        if detect_format(src) != pool["format"]:
+            raise CommandError(f"the pool {str(src)!r} is not {pool['format']} as when scored")
+
+    # every output is checked before anything is read or written
+    out = Path(args.out)
+    inputs = {"--scores": Path(args.scores)}
+    if src is not None:
+        inputs["--pool"] = src
+    try:
+        out_folder = output_is_folder(out, pool["format"])
+    except ValueError as e:
+        raise CommandError(f"--out: {e}") from None
+    check_output("--out", out, overwrite=args.overwrite, inputs=inputs, folder=out_folder)
+    if args.ids_out:
+        if Path(os.path.abspath(args.ids_out)) == Path(os.path.abspath(out)):
+            raise CommandError("--ids-out and --out name the same file")
+        check_output("--ids-out", Path(args.ids_out), overwrite=args.overwrite, inputs=inputs, folder=False)
+    if src is not None and pool.get("fingerprint"):
+        from thresher.data.runs import fingerprint
+
+        if fingerprint(src) != pool["fingerprint"]:
+            raise CommandError(f"the pool {str(src)!r} is not the one that was scored: the pool changed "
+                               "since scoring (its content differs), so the scores would select other "
+                               "documents; score it again")
+
     n_docs = len(doc)
     no_sample = np.isnan(doc)
     doc = np.where(no_sample, -np.inf, doc)  # documents without a sample are taken last
@@ -91,29 +166,25 @@ def _run(args) -> int:
         ids = select_gumbel(doc, args.fraction, args.temperature, args.seed)
     else:
         ids = select_threshold(doc, args.threshold)
+    if len(ids) == 0:
+        finite = doc[np.isfinite(doc)]
+        rng = f"; document scores range from {finite.min():.4g} to {finite.max():.4g}" if len(finite) else ""
+        raise CommandError(f"--threshold {args.threshold} keeps none of the {n_docs} documents{rng}; "
+                           "nothing written")
 
-    pool = dict(manifest["pool"])
-    out = Path(args.out)
-    if pool["format"] == "embedded":
-        if args.pool is not None:
-            raise CommandError("--pool cannot replace the embedded pool")
+    if embedded:
         corpus = _embedded(pool)
         if len(corpus.pool) != n_docs:
             raise CommandError(f"the embedded corpus now has {len(corpus.pool)} documents, the scores {n_docs}")
         from thresher.data import write_documents
 
-        write_documents((corpus.pool[int(i)] for i in ids), out)
+        write_documents((corpus.pool[int(i)] for i in ids), out, overwrite=args.overwrite)
         labels = corpus.labels
     else:
-        from thresher.data import detect_format, write_selected
+        from thresher.data import write_selected
 
-        src = Path(args.pool) if args.pool is not None else Path(pool["path"])
-        if not src.exists():
-            raise CommandError(f"the pool {str(src)!r} does not exist (moved? pass --pool)")
-        if detect_format(src) != pool["format"]:
-            raise CommandError(f"the pool {str(src)!r} is not {pool['format']} as when scored")
         write_selected(src, ids, out, text_field=pool["text_field"], split=pool.get("split", "auto"),
-                       hf_split=pool.get("hf_split"), n_docs=n_docs)
+                       hf_split=pool.get("hf_split"), n_docs=n_docs, overwrite=args.overwrite)
         labels = None
     if args.ids_out:
         from thresher.data.atomic import save_npy
