@@ -176,7 +176,10 @@ def _ce_fwd_kernel(
         m = tl.full([], float("-inf"), tl.float32)        # running max (block-uniform)
         sx = tl.full([], 0.0, tl.float32)                 # running sum of x (smoothing)
         s_vec = tl.zeros([BLOCK_V], dtype=tl.float32)     # per-lane sum exp(x - m)
-        x_y = _load_row(x_row + y, True, 0.0, cap, SOFTCAP)
+        # A target outside [0, V) (only where the op's checks are skipped, inside a
+        # torch.compile graph) is never read: NaN loss, no target term in the gradient.
+        y_ok = (y >= 0) & (y < V)
+        x_y = _load_row(x_row + tl.where(y_ok, y, 0), y_ok, float("nan"), cap, SOFTCAP)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V

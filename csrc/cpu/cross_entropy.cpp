@@ -300,8 +300,11 @@ THR_AI void row_forward(const Rows<T>& a, long i) {
   double sum_x = 0.0;
   const A lse = row_lse_any(row, a.V, a.eps != A(0), &sum_x, a.cap);
   a.lse[i] = lse;
-  a.loss[i] = static_cast<A>(thr::ce_row_loss(lse, target_logit(row, t, a.cap), sum_x, a.V,
-                                              a.eps, a.zl));
+  // A target outside [0, V) (possible only where the Python checks are skipped: inside a
+  // torch.compile graph) is never read: NaN loss, and a gradient row without a target term.
+  const A x_t = t >= 0 && t < a.V ? target_logit(row, t, a.cap)
+                                  : std::numeric_limits<A>::quiet_NaN();
+  a.loss[i] = static_cast<A>(thr::ce_row_loss(lse, x_t, sum_x, a.V, a.eps, a.zl));
   if (grad) row_grad_any(row, grad, a.V, t, lse, a.coef[i], a.eps, a.zl, a.stream, a.cap);
 }
 

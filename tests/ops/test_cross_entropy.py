@@ -911,3 +911,43 @@ def test_linear_bf16_bias_rounded_once(backend):
     truth = F.cross_entropy(F.linear(h.double(), w.double(), b.double()), t)
     eager = F.cross_entropy(F.linear(h, w, b).float(), t)
     assert abs(float(got) - float(truth)) <= 2 * abs(float(eager) - float(truth)) + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [-5, 50, 2**40])
+def test_bad_target_in_kernel_gives_nan_row_and_no_oob_read(backend, bad):
+    # the row kernels are what a compiled graph runs with its value checks skipped
+    from thresher.ops.cross_entropy import _KERNELS
+    fwd, bwd = _KERNELS[backend]
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([1, bad, 2])
+    coef = torch.ones(3)
+    grad = torch.empty_like(x)
+    loss, lse = fwd(x, t, coef, grad, -100, 0.0, 0.0, 0.0)
+    ok = torch.tensor([True, False, True])
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[ok]).all()
+    want, _, wgrad = thresher.ops.cross_entropy.reference_cross_entropy_rows(
+        x.double(), torch.tensor([1, 0, 2]), coef.double(), -100, 0.0, 0.0)
+    torch.testing.assert_close(loss[ok].double(), want[ok], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad[ok].double(), wgrad[ok], rtol=1e-5, atol=1e-7)
+    # the bad row's gradient is the softmax without a target term (finite)
+    torch.testing.assert_close(grad[1].double(), torch.softmax(x[1].double(), 0), rtol=1e-5,
+                               atol=1e-7)
+    grad2 = torch.empty_like(x)
+    bwd(x, t, lse, coef, grad2, -100, 0.0, 0.0, 0.0)
+    torch.testing.assert_close(grad2, grad)
+
+
+def test_bad_target_under_compile_is_nan_not_a_crash():
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 50)
+    t = torch.tensor([[1, 2, 2**40], [0, -7, 3]])
+
+    def f(x, t):
+        return thresher.weighted_cross_entropy(x, t, reduction="none")
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, t)
+    assert torch.isnan(out[0, 2]) and torch.isnan(out[1, 1])
+    assert torch.isfinite(out[0, :2]).all()
+    with pytest.raises(ValueError, match="target values must be in"):
+        f(x, t)  # eagerly: the clear error

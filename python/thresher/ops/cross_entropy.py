@@ -117,7 +117,10 @@ def reference_cross_entropy_rows(x, target, coef, ignore_index, eps, zl, sc=0.0,
     acc = _acc_dtype(x.dtype)
     xf = _softcap(x.to(acc), sc)
     valid = target != ignore_index
-    tgt = torch.where(valid, target, torch.zeros_like(target))
+    # A target outside [0, V) gets a NaN loss and no target term, as in the kernels (it is
+    # rejected before any kernel runs, except inside a torch.compile graph).
+    in_range = (target >= 0) & (target < x.size(-1))
+    tgt = torch.where(valid & in_range, target, torch.zeros_like(target))
     if lse is None:
         lse = torch.logsumexp(xf, dim=-1) if x.size(-1) else xf.new_full((x.size(0),), -math.inf)
         lse = torch.where(valid, lse, torch.zeros_like(lse))
@@ -125,11 +128,13 @@ def reference_cross_entropy_rows(x, target, coef, ignore_index, eps, zl, sc=0.0,
     loss = lse - (1 - eps) * x_t + zl * lse * lse
     if eps:
         loss = loss - eps * xf.mean(-1)
+    loss = torch.where(in_range, loss, torch.full_like(loss, math.nan))
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     grad = None
     if coef is not None:
         g = torch.exp(xf - lse[:, None]) * (1 + 2 * zl * lse)[:, None] - eps / x.size(-1)
-        g.scatter_add_(1, tgt[:, None], torch.full_like(x_t, -(1 - eps))[:, None])
+        shift = torch.where(in_range, -(1 - eps), 0.0).to(g.dtype)
+        g.scatter_add_(1, tgt[:, None], shift[:, None])
         g = torch.where(valid[:, None], g * coef.to(acc)[:, None], torch.zeros_like(g))
         if sc:
             g = g * (1 - (xf / sc) ** 2)
