@@ -133,7 +133,7 @@ def reference_cross_entropy_rows(x, target, coef, ignore_index, eps, zl, sc=0.0,
     grad = None
     if coef is not None:
         g = torch.exp(xf - lse[:, None]) * (1 + 2 * zl * lse)[:, None] - eps / x.size(-1)
-        shift = torch.where(in_range, -(1 - eps), 0.0).to(g.dtype)
+        shift = torch.where(in_range, torch.full_like(x_t, -(1 - eps)), torch.zeros_like(x_t))
         g.scatter_add_(1, tgt[:, None], shift[:, None])
         g = torch.where(valid[:, None], g * coef.to(acc)[:, None], torch.zeros_like(g))
         if sc:
