@@ -7,6 +7,7 @@ kernels' interpreter runs and AOT compilation are in tests/kernels/test_cross_en
 from __future__ import annotations
 
 import math
+import re
 import os
 import warnings
 
@@ -583,6 +584,10 @@ X, T = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
         (dict(softcap=-1.0), ValueError, r"softcap must be in \[0.0, inf\]"),
         (dict(softcap=float("nan")), ValueError, "softcap must be in"),
         (dict(softcap=float("inf")), ValueError, "softcap must be finite"),
+        (dict(z_loss=float("inf")), ValueError, "z_loss must be finite"),
+        (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must be in"),
+        (dict(logits=X.to("meta"), target=T.to("meta")), ValueError,
+         "logits is a meta tensor: weighted_cross_entropy needs tensors with data"),
         (dict(softcap="30"), TypeError, "softcap must be a number"),
         (dict(overwrite_logits=True, reduction="sample"), ValueError,
          "overwrite_logits=True needs reduction 'sum' or 'mean'"),
@@ -604,6 +609,9 @@ def test_bad_input_weighted(kwargs, exc, match):
         (dict(bias=torch.randn(9)), ValueError, r"bias must have shape \(10\)"),
         (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
         (dict(target=torch.full((2, 3), 10)), ValueError, "target values must be in"),
+        (dict(z_loss=float("inf")), ValueError, "z_loss must be finite"),
+        (dict(hidden=torch.randn(2, 3, 4, device="meta"), lm_weight=torch.randn(10, 4, device="meta"),
+              target=T.to("meta")), ValueError, "hidden is a meta tensor"),
     ],
 )
 def test_bad_input_linear(kwargs, exc, match):
@@ -951,3 +959,49 @@ def test_bad_target_under_compile_is_nan_not_a_crash():
     assert torch.isfinite(out[0, :2]).all()
     with pytest.raises(ValueError, match="target values must be in"):
         f(x, t)  # eagerly: the clear error
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_linear_zero_hidden_size(backend):
+    # H = 0: the logits are the bias (or 0), the gradients of hidden and lm_weight are empty
+    t = torch.randint(0, 10, (2, 3))
+    b = torch.randn(10, requires_grad=True)
+    h = torch.randn(2, 3, 0, requires_grad=True)
+    w = torch.randn(10, 0, requires_grad=True)
+    loss = thresher.linear_weighted_cross_entropy(h, w, t, bias=b, backend=backend)
+    bb = b.detach().clone().requires_grad_()
+    ref = F.cross_entropy(bb.expand(6, 10), t.reshape(-1))
+    torch.testing.assert_close(loss, ref)
+    gh, gw, gb = torch.autograd.grad(loss, (h, w, b))
+    assert gh.shape == h.shape and gw.shape == w.shape
+    torch.testing.assert_close(gb, torch.autograd.grad(ref, bb)[0])
+    no_bias = thresher.linear_weighted_cross_entropy(h.detach(), w.detach(), t, backend=backend)
+    torch.testing.assert_close(no_bias, torch.tensor(math.log(10.0)))
+
+
+@pytest.mark.parametrize("env,nvcc,torch_cuda,want", [
+    ({"THRESHER_CUDA": "0"}, True, "12.8", "THRESHER_CUDA=0 turns it off"),
+    ({}, False, "12.8", "no nvcc was found"),
+    ({}, True, None, "torch is a CPU build .* THRESHER_CUDA is not set to 1"),
+    ({"THRESHER_CUDA": "1"}, True, None, "nvcc and the settings to build it are present now"),
+])
+def test_native_status_says_why_cuda_module_was_not_built(monkeypatch, env, nvcc, torch_cuda,
+                                                          want):
+    import importlib
+
+    def no_cuda_module(name, *a, **k):
+        if name == "thresher._C_cuda":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return importlib.import_module(name, *a, **k)
+
+    monkeypatch.delenv("THRESHER_CUDA", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(_native.importlib, "import_module", no_cuda_module)
+    monkeypatch.setattr(_native, "_nvcc_found", lambda: nvcc)
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    monkeypatch.delitem(_native._modules, "_C_cuda", raising=False)
+    monkeypatch.delitem(_native._reasons, "_C_cuda", raising=False)
+    status = thresher.native_status()["_C_cuda"]
+    assert "could not be imported" not in status
+    assert re.search("thresher._C_cuda was not built: " + want, status), status

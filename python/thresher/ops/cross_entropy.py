@@ -73,6 +73,7 @@ from ._dispatch import (
 )
 from ._validate import (
     check_choice,
+    check_not_meta,
     check_range,
     check_tensor,
     check_weights,
@@ -542,12 +543,10 @@ class _LinearWeightedCE(torch.autograd.Function):
 def _check_common(target, lead_shape, device, vocab, sample_weight, token_weight, ignore_index,
                   reduction, label_smoothing, z_loss, softcap):
     check_choice("reduction", reduction, REDUCTIONS)
-    if softcap is not None:
-        check_range("softcap", softcap, 0.0, math.inf)
-        if softcap == math.inf:
-            raise ValueError("softcap must be finite (None or 0 turns it off), got inf")
+    if softcap is not None:  # None or 0: off
+        check_range("softcap", softcap, 0.0, math.inf, finite=True)
     check_range("label_smoothing", label_smoothing, 0.0, 1.0)
-    check_range("z_loss", z_loss, 0.0, math.inf)
+    check_range("z_loss", z_loss, 0.0, math.inf, finite=True)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_tensor("target", target, dtypes=(torch.int64, torch.int32), device=device,
@@ -639,6 +638,7 @@ def weighted_cross_entropy(
     ``overwrite_logits`` (write the gradient over the logits: faster, destroys them).
     ``softcap``: logits <- softcap * tanh(logits / softcap) first (Gemma 2/3); None/0: off."""
     check_tensor("logits", logits, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_not_meta("logits", logits, "weighted_cross_entropy")
     vocab = logits.size(-1)
     _check_common(target, tuple(logits.shape[:-1]), logits.device, vocab, sample_weight,
                   token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
@@ -682,6 +682,7 @@ def linear_weighted_cross_entropy(
     ``lm_weight``-sized gradient accumulator. Under ``torch.no_grad()`` nothing is kept.
     ``softcap`` is applied after the bias, as in :func:`weighted_cross_entropy`."""
     check_tensor("hidden", hidden, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_not_meta("hidden", hidden, "linear_weighted_cross_entropy")
     H = hidden.size(-1)
     check_tensor("lm_weight", lm_weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device,
                  shape=(None, H))
@@ -690,7 +691,7 @@ def linear_weighted_cross_entropy(
         check_tensor("bias", bias, dtypes=(hidden.dtype,), device=hidden.device, shape=(vocab,))
     _check_common(target, tuple(hidden.shape[:-1]), hidden.device, vocab, sample_weight,
                   token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    n = hidden.numel() // max(H, 1)
+    n = math.prod(hidden.shape[:-1])  # (not numel // H: H may be 0, logits = bias or 0)
     if chunk_size is None:
         chunk_size = LINEAR_CHUNK_BYTES // max(1, vocab * hidden.element_size())
         chunk_size = max(16, 1 << max(0, chunk_size.bit_length() - 1))
@@ -698,7 +699,7 @@ def linear_weighted_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     chunk_size = max(1, min(chunk_size, n))
     name = DISPATCH.select(backend, hidden.device, hidden.dtype, vocab=vocab)
-    h2 = hidden.reshape(-1, H).contiguous()
+    h2 = hidden.reshape(n, H).contiguous()
     w = lm_weight.contiguous()
     target2, tflat = _as_2d_target(target)
     needs_grad = torch.is_grad_enabled() and (
