@@ -581,6 +581,7 @@ X, T = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
         (dict(z_loss=-1.0), ValueError, "z_loss must be in"),
         (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
         (dict(overwrite_logits=1), TypeError, "overwrite_logits must be a bool"),
+        (dict(return_lse=1), TypeError, "return_lse must be a bool"),
         (dict(softcap=-1.0), ValueError, r"softcap must be in \[0.0, inf\]"),
         (dict(softcap=float("nan")), ValueError, "softcap must be in"),
         (dict(softcap=float("inf")), ValueError, "softcap must be finite"),
@@ -1005,3 +1006,39 @@ def test_native_status_says_why_cuda_module_was_not_built(monkeypatch, env, nvcc
     status = thresher.native_status()["_C_cuda"]
     assert "could not be imported" not in status
     assert re.search("thresher._C_cuda was not built: " + want, status), status
+
+
+
+# ---------------------------------------------------------------------------------------
+# return_lse: per-token log-sum-exp and the z-loss term alongside the loss
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("linear", [False, True])
+def test_return_lse_and_z_loss_term(backend, reduction, linear):
+    x, t, sw, tw = make_case(2, 5, 41, torch.float32, ignore_frac=0.3)
+    kw = dict(sample_weight=sw, token_weight=tw, reduction=reduction, label_smoothing=0.1,
+              z_loss=1e-2, softcap=6.0, backend=backend)
+    if linear:
+        h = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
+        wt = torch.randn(41, 8, generator=torch.Generator().manual_seed(3))
+        x = F.linear(h, wt)
+        run = lambda **k: thresher.linear_weighted_cross_entropy(  # noqa: E731
+            h.clone().requires_grad_(), wt, t, chunk_size=3, **k)
+    else:
+        run = lambda **k: thresher.weighted_cross_entropy(  # noqa: E731
+            x.clone().requires_grad_(), t, **k)
+    out = run(return_lse=True, **kw)
+    assert isinstance(out, thresher.ops.CrossEntropyOutput)
+    loss, lse, zterm = out
+    torch.testing.assert_close(loss, run(**kw))
+    xc = 6.0 * torch.tanh(x.double() / 6.0)
+    want = torch.where(t != -100, torch.logsumexp(xc, -1), torch.zeros(()).double())
+    assert lse.shape == t.shape and not lse.requires_grad and not zterm.requires_grad
+    torch.testing.assert_close(lse.double(), want, rtol=1e-5, atol=1e-5)
+    zt = formula(xc, t, sw, tw, -100, reduction, 0.0, 1e-2) - formula(xc, t, sw, tw, -100,
+                                                                        reduction, 0.0, 0.0)
+    torch.testing.assert_close(zterm.double(), zt, rtol=1e-4, atol=1e-6)
+    loss.sum().backward()  # the loss still has its gradient

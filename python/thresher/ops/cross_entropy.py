@@ -57,7 +57,7 @@ buffer is reused and its logits never reach the caller.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -86,6 +86,7 @@ __all__ = [
     "linear_weighted_cross_entropy",
     "WeightedCrossEntropyLoss",
     "LinearWeightedCrossEntropyLoss",
+    "CrossEntropyOutput",
     "reference_cross_entropy_rows",
 ]
 
@@ -407,8 +408,8 @@ def _(hidden, weight, bias, target, lse, grad_coef, needs, ignore_index, label_s
 def _composite_ce(logits, target, coef, scalar, fuse, ii, eps, zl, sc, backend, overwrite=False):
     """``backend="torch"``: the same contract as ``_WeightedCE.apply`` from plain PyTorch ops,
     so every autograd order and ``torch.func`` (jvp, vmap, grad of grad) works through it."""
-    loss, _, _ = reference_cross_entropy_rows(logits, target, None, ii, eps, zl, sc)
-    return (loss * coef).sum() if scalar else loss
+    loss, lse, _ = reference_cross_entropy_rows(logits, target, None, ii, eps, zl, sc)
+    return ((loss * coef).sum() if scalar else loss), lse.detach()
 
 
 def _composite_linear_ce(hidden, weight, bias, target, coef, scalar, fuse, ii, eps, zl, sc, chunk,
@@ -455,7 +456,8 @@ def _take_fused(ctx):
 
 class _WeightedCE(torch.autograd.Function):
     """``scalar=True``: returns ``sum_t coef_t l_t`` and may fuse the gradient into the
-    forward (``fuse``); ``scalar=False``: returns the per-token losses ``l``."""
+    forward (``fuse``); ``scalar=False``: returns the per-token losses ``l``. Both also return
+    the per-token lse (no gradient: for return_lse)."""
 
     @staticmethod
     def forward(ctx, logits, target, coef, scalar, fuse, ii, eps, zl, sc, backend, overwrite=False):
@@ -472,10 +474,11 @@ class _WeightedCE(torch.autograd.Function):
             ctx.save_for_backward(logits, target, lse, coef)
             ctx.fused = grad if fuse else None
         ctx.cfg = (scalar, ii, eps, zl, sc, backend)
-        return (loss * coef).sum() if scalar else loss
+        ctx.mark_non_differentiable(lse)
+        return ((loss * coef).sum() if scalar else loss), lse
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_lse):
         logits, target, lse, coef = ctx.saved_tensors
         scalar, ii, eps, zl, sc, backend = ctx.cfg
         fused = _take_fused(ctx)
@@ -506,10 +509,11 @@ class _LinearWeightedCE(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, target, lse, coef)
         ctx.fused = (gh, gw, gb) if fuse else None
         ctx.cfg = (scalar, needs, ii, eps, zl, sc, chunk, backend)
-        return (loss * coef).sum() if scalar else loss
+        ctx.mark_non_differentiable(lse)
+        return ((loss * coef).sum() if scalar else loss), lse
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_lse):
         hidden, weight, bias, target, lse, coef = ctx.saved_tensors
         scalar, needs, ii, eps, zl, sc, chunk, backend = ctx.cfg
         fused = _take_fused(ctx)
@@ -572,6 +576,11 @@ def _check_common(target, lead_shape, device, vocab, sample_weight, token_weight
         check_weights("token_weight", token_weight)
 
 
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def _weights(target2, sample_weight, token_weight, ignore_index, acc):
     """Per-token weights (B, T): sample_weight[b] * token_weight[b, t], 0 where ignored.
     Also returns the token-only weights used by the "sample" reduction."""
@@ -594,24 +603,46 @@ def _normalised(w, dim=None):
     return ws / ws.sum(**kw).clamp_min(1.0)  # the sum is >= 1 unless every weight is 0
 
 
-def _run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, reduction,
-         needs_grad, acc, make_args):
-    """Applies the reduction around ``fn`` (a _WeightedCE / _LinearWeightedCE apply)."""
-    w, tw = _weights(target2, sample_weight, token_weight, ignore_index, acc)
-    dummy = w.new_ones(())  # unused coefficient in the per-token mode
+class CrossEntropyOutput(NamedTuple):
+    """What ``return_lse=True`` returns: ``loss`` (as without it), ``lse`` (the per-token
+    log-sum-exp of the (soft-capped) logits, ``target``'s shape, 0 where ignored) and
+    ``z_loss`` (the z-loss part of ``loss``, ``z_loss * lse^2`` reduced like it). ``lse`` and
+    ``z_loss`` carry no gradient: they are for logging."""
+
+    loss: Tensor
+    lse: Tensor
+    z_loss: Tensor
+
+
+def _reduce(rows, w, tw, sample_weight, reduction, target_shape, acc):
+    """``rows`` (per-token values, flat) reduced with the weights (see the module docstring)."""
     if reduction in ("sum", "mean"):
         coef = w.reshape(-1)
-        if reduction == "mean":
-            coef = _normalised(coef)
-        if coef.requires_grad:  # differentiable weights: the weighting stays outside the op
-            return (fn(*make_args(dummy, False, False)) * coef).sum()
-        fuse = needs_grad and not torch.compiler.is_compiling()
-        return fn(*make_args(coef.contiguous(), True, fuse))
-    loss = fn(*make_args(dummy, False, False)).reshape(tw.shape)
+        return (rows * (_normalised(coef) if reduction == "mean" else coef)).sum()
+    rows = rows.reshape(tw.shape)
     if reduction == "none":
-        return (loss * w).reshape(target_shape)
-    per_seq = (loss * _normalised(tw, 1)).sum(1)
+        return (rows * w).reshape(target_shape)
+    per_seq = (rows * _normalised(tw, 1)).sum(1)
     return per_seq if sample_weight is None else per_seq * sample_weight.to(acc)
+
+
+def _run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, reduction,
+         needs_grad, acc, make_args, zl, return_lse):
+    """Applies the reduction around ``fn`` (a _WeightedCE / _LinearWeightedCE apply)."""
+    w, tw = _weights(target2, sample_weight, token_weight, ignore_index, acc)
+    reduce = lambda rows: _reduce(rows, w, tw, sample_weight, reduction, target_shape, acc)  # noqa: E731
+    coef = w.reshape(-1)
+    if reduction in ("sum", "mean") and not coef.requires_grad:
+        # the weighting inside the op, which may then fuse the gradient into the forward
+        coef = _normalised(coef) if reduction == "mean" else coef
+        fuse = needs_grad and not torch.compiler.is_compiling()
+        loss, lse = fn(*make_args(coef.contiguous(), True, fuse))
+    else:  # per-token losses (also sum/mean with differentiable weights), reduced here
+        rows, lse = fn(*make_args(w.new_ones(()), False, False))
+        loss = reduce(rows)
+    if not return_lse:
+        return loss
+    return CrossEntropyOutput(loss, lse.reshape(target_shape), reduce(zl * lse * lse).detach())
 
 
 def _as_2d_target(target):
@@ -631,19 +662,21 @@ def weighted_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     overwrite_logits: bool = False,
+    return_lse: bool = False,
     backend: str = "auto",
-) -> Tensor:
+) -> Tensor | CrossEntropyOutput:
     """Weighted cross-entropy of ``logits (B, T, V)`` or ``(N, V)`` against ``target`` (the
     leading shape). See the module docstring for the weights and reductions, and for
     ``overwrite_logits`` (write the gradient over the logits: faster, destroys them).
-    ``softcap``: logits <- softcap * tanh(logits / softcap) first (Gemma 2/3); None/0: off."""
+    ``softcap``: logits <- softcap * tanh(logits / softcap) first (Gemma 2/3); None/0: off.
+    ``return_lse=True``: a :class:`CrossEntropyOutput` ``(loss, lse, z_loss)`` instead."""
+    _check_flag("return_lse", return_lse)
     check_tensor("logits", logits, ndim=(2, 3), dtypes=FLOAT_DTYPES)
     check_not_meta("logits", logits, "weighted_cross_entropy")
     vocab = logits.size(-1)
     _check_common(target, tuple(logits.shape[:-1]), logits.device, vocab, sample_weight,
                   token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    if not isinstance(overwrite_logits, bool):
-        raise TypeError(f"overwrite_logits must be a bool, got {type(overwrite_logits).__name__}")
+    _check_flag("overwrite_logits", overwrite_logits)
     if overwrite_logits and reduction not in ("sum", "mean"):
         raise ValueError(f"overwrite_logits=True needs reduction 'sum' or 'mean' (a scalar loss "
                          f"whose gradient the forward computes), got reduction={reduction!r}")
@@ -657,6 +690,7 @@ def weighted_cross_entropy(
         lambda coef, scalar, fuse: (x, tflat, coef, scalar, fuse, ignore_index,
                                     float(label_smoothing), float(z_loss), float(softcap or 0.0),
                                     name, overwrite_logits),
+        float(z_loss), return_lse,
     )
 
 
@@ -674,13 +708,16 @@ def linear_weighted_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    return_lse: bool = False,
     backend: str = "auto",
-) -> Tensor:
+) -> Tensor | CrossEntropyOutput:
     """``weighted_cross_entropy(hidden @ lm_weight.T + bias, target, ...)`` without ever
     materialising the ``(N, V)`` logits: peak extra memory is one ``(chunk_size, V)``
     buffer (default: about 128 MiB worth of rows, see ``LINEAR_CHUNK_BYTES``) plus an fp32
     ``lm_weight``-sized gradient accumulator. Under ``torch.no_grad()`` nothing is kept.
-    ``softcap`` is applied after the bias, as in :func:`weighted_cross_entropy`."""
+    ``softcap`` is applied after the bias, as in :func:`weighted_cross_entropy`;
+    ``return_lse`` too."""
+    _check_flag("return_lse", return_lse)
     check_tensor("hidden", hidden, ndim=(2, 3), dtypes=FLOAT_DTYPES)
     check_not_meta("hidden", hidden, "linear_weighted_cross_entropy")
     H = hidden.size(-1)
@@ -711,6 +748,7 @@ def linear_weighted_cross_entropy(
         lambda coef, scalar, fuse: (h2, w, bias, tflat, coef, scalar, fuse, ignore_index,
                                     float(label_smoothing), float(z_loss), float(softcap or 0.0),
                                     chunk_size, name),
+        float(z_loss), return_lse,
     )
 
 
