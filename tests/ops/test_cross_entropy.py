@@ -1042,3 +1042,53 @@ def test_return_lse_and_z_loss_term(backend, reduction, linear):
                                                                         reduction, 0.0, 0.0)
     torch.testing.assert_close(zterm.double(), zt, rtol=1e-4, atol=1e-6)
     loss.sum().backward()  # the loss still has its gradient
+
+
+# ---------------------------------------------------------------------------------------
+# Class weights (weight=, as F.cross_entropy's)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_weight_matches_f_cross_entropy(backend, reduction, dtype):
+    x, t, _, _ = make_case(3, 4, 29, dtype, ignore_frac=0.25, weights=False)
+    cw = torch.rand(29, generator=torch.Generator().manual_seed(6), dtype=dtype) * 2
+    cw[t.reshape(-1)[0].clamp_min(0)] = 0.0  # a zero class weight too
+    xs = x.clone().requires_grad_()
+    got = thresher.weighted_cross_entropy(xs, t, weight=cw, reduction=reduction,
+                                          backend=backend)
+    x64 = x.double().requires_grad_()
+    want = F.cross_entropy(x64.reshape(-1, 29), t.reshape(-1), weight=cw.double(),
+                           reduction=reduction)
+    want = want.reshape(t.shape) if reduction == "none" else want
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.double(), want.detach(), **tol)
+    u = torch.rand(want.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (g,) = torch.autograd.grad(got, xs, u.to(got.dtype))
+    (gw,) = torch.autograd.grad(want, x64, u)
+    torch.testing.assert_close(g.double(), gw, **tol)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_class_weight_linear_sample_and_errors(backend):
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(2, 5, 8, generator=g), torch.randn(19, 8, generator=g)
+    t = torch.randint(0, 19, (2, 5), generator=g)
+    t[0, 1] = -100
+    cw = torch.rand(19, generator=g) + 0.1
+    tw = torch.rand(2, 5, generator=g)
+    got = thresher.linear_weighted_cross_entropy(h, w, t, weight=cw, token_weight=tw,
+                                                 reduction="sample", backend=backend)
+    tok = F.cross_entropy(F.linear(h, w).reshape(-1, 19), t.reshape(-1), reduction="none",
+                          ignore_index=-100).reshape(2, 5)
+    ww = tw * cw[t.clamp_min(0)] * (t != -100)
+    torch.testing.assert_close(got, (tok * ww).sum(1) / ww.sum(1))
+    with pytest.raises(NotImplementedError, match="label_smoothing"):
+        thresher.linear_weighted_cross_entropy(h, w, t, weight=cw, label_smoothing=0.1,
+                                               backend=backend)
+    with pytest.raises(ValueError, match=r"weight must have shape \(19\)"):
+        thresher.linear_weighted_cross_entropy(h, w, t, weight=cw[:5], backend=backend)
+    with pytest.raises(ValueError, match="weight must be finite and non-negative"):
+        thresher.linear_weighted_cross_entropy(h, w, t, weight=-cw, backend=backend)

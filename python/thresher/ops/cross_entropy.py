@@ -581,6 +581,26 @@ def _check_flag(name, value):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
+def _fold_class_weight(weight, target, token_weight, ignore_index, vocab, label_smoothing):
+    """``weight`` (per class, as ``F.cross_entropy``'s) folded into the token weights:
+    ``tw_t * weight[y_t]``. Exact for F.cross_entropy's semantics without label smoothing --
+    each token's loss scaled by its target class's weight, and the "mean" normaliser
+    ``sum_t weight[y_t]`` -- which is why smoothing (whose term weights every class) is
+    refused with it. Returns the new token weights (or ``token_weight`` when no weight)."""
+    if weight is None:
+        return token_weight
+    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=target.device,
+                 shape=(vocab,))
+    check_weights("weight", weight)
+    if label_smoothing:
+        raise NotImplementedError(
+            "weight= (class weights) with label_smoothing > 0 is not supported: its smoothing "
+            "term weights every class; use label_smoothing=0 or token_weight=")
+    t = target.to(torch.int64)
+    cw = weight[torch.where(t != ignore_index, t, torch.zeros_like(t)).clamp(0, vocab - 1)]
+    return cw if token_weight is None else token_weight * cw.to(token_weight.dtype)
+
+
 def _weights(target2, sample_weight, token_weight, ignore_index, acc):
     """Per-token weights (B, T): sample_weight[b] * token_weight[b, t], 0 where ignored.
     Also returns the token-only weights used by the "sample" reduction."""
@@ -661,6 +681,7 @@ def weighted_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    weight: Tensor | None = None,
     overwrite_logits: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
@@ -669,13 +690,16 @@ def weighted_cross_entropy(
     leading shape). See the module docstring for the weights and reductions, and for
     ``overwrite_logits`` (write the gradient over the logits: faster, destroys them).
     ``softcap``: logits <- softcap * tanh(logits / softcap) first (Gemma 2/3); None/0: off.
-    ``return_lse=True``: a :class:`CrossEntropyOutput` ``(loss, lse, z_loss)`` instead."""
+    ``return_lse=True``: a :class:`CrossEntropyOutput` ``(loss, lse, z_loss)`` instead.
+    ``weight``: class weights ``(V,)`` as ``F.cross_entropy``'s (see _fold_class_weight)."""
     _check_flag("return_lse", return_lse)
     check_tensor("logits", logits, ndim=(2, 3), dtypes=FLOAT_DTYPES)
     check_not_meta("logits", logits, "weighted_cross_entropy")
     vocab = logits.size(-1)
     _check_common(target, tuple(logits.shape[:-1]), logits.device, vocab, sample_weight,
                   token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    token_weight = _fold_class_weight(weight, target, token_weight, ignore_index, vocab,
+                                      label_smoothing)
     _check_flag("overwrite_logits", overwrite_logits)
     if overwrite_logits and reduction not in ("sum", "mean"):
         raise ValueError(f"overwrite_logits=True needs reduction 'sum' or 'mean' (a scalar loss "
@@ -707,6 +731,7 @@ def linear_weighted_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    weight: Tensor | None = None,
     chunk_size: int | None = None,
     return_lse: bool = False,
     backend: str = "auto",
@@ -728,6 +753,8 @@ def linear_weighted_cross_entropy(
         check_tensor("bias", bias, dtypes=(hidden.dtype,), device=hidden.device, shape=(vocab,))
     _check_common(target, tuple(hidden.shape[:-1]), hidden.device, vocab, sample_weight,
                   token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    token_weight = _fold_class_weight(weight, target, token_weight, ignore_index, vocab,
+                                      label_smoothing)
     n = math.prod(hidden.shape[:-1])  # (not numel // H: H may be 0, logits = bias or 0)
     if chunk_size is None:
         chunk_size = LINEAR_CHUNK_BYTES // max(1, vocab * hidden.element_size())
@@ -756,8 +783,9 @@ class WeightedCrossEntropyLoss(torch.nn.Module):
     """Module form of :func:`weighted_cross_entropy` (configuration only, no parameters)."""
 
     def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 softcap=None, overwrite_logits=False, backend="auto"):
+                 softcap=None, weight=None, overwrite_logits=False, backend="auto"):
         super().__init__()
+        self.register_buffer("weight", weight)  # class weights: moved by .to(device)
         check_choice("reduction", reduction, REDUCTIONS)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.z_loss, self.backend = label_smoothing, z_loss, backend
@@ -769,7 +797,7 @@ class WeightedCrossEntropyLoss(torch.nn.Module):
             logits, target, sample_weight=sample_weight, token_weight=token_weight,
             ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            overwrite_logits=self.overwrite_logits, backend=self.backend)
+            weight=self.weight, overwrite_logits=self.overwrite_logits, backend=self.backend)
 
     def extra_repr(self):
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
@@ -782,8 +810,9 @@ class LinearWeightedCrossEntropyLoss(torch.nn.Module):
     (and bias) at call time so it can sit behind any model's final hidden states."""
 
     def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 softcap=None, chunk_size=None, backend="auto"):
+                 softcap=None, weight=None, chunk_size=None, backend="auto"):
         super().__init__()
+        self.register_buffer("weight", weight)
         check_choice("reduction", reduction, REDUCTIONS)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.z_loss, self.softcap = label_smoothing, z_loss, softcap
@@ -794,7 +823,7 @@ class LinearWeightedCrossEntropyLoss(torch.nn.Module):
             hidden, lm_weight, target, bias=bias, sample_weight=sample_weight,
             token_weight=token_weight, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            chunk_size=self.chunk_size,
+            weight=self.weight, chunk_size=self.chunk_size,
             backend=self.backend)
 
     def extra_repr(self):
