@@ -1092,3 +1092,26 @@ def test_class_weight_linear_sample_and_errors(backend):
         thresher.linear_weighted_cross_entropy(h, w, t, weight=cw[:5], backend=backend)
     with pytest.raises(ValueError, match="weight must be finite and non-negative"):
         thresher.linear_weighted_cross_entropy(h, w, t, weight=-cw, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("scalar", [0.1, 10.0])
+def test_softcap_with_ignore_index_and_smoothing_like_peers(backend, reduction, scalar):
+    # the case mix of Liger-Kernel's softcap tests: a custom ignore_index, label smoothing,
+    # every F.cross_entropy reduction, small and large logit scales (large saturates the tanh)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3 * 7, 257, generator=g) * scalar
+    t = torch.randint(0, 257, (3 * 7,), generator=g)
+    t[::4] = 2
+    xs = x.clone().requires_grad_()
+    got = thresher.weighted_cross_entropy(xs, t, ignore_index=2, label_smoothing=0.1,
+                                          softcap=5.0, reduction=reduction, backend=backend)
+    x64 = x.double().requires_grad_()
+    want = F.cross_entropy(5.0 * torch.tanh(x64 / 5.0), t, ignore_index=2, label_smoothing=0.1,
+                           reduction=reduction)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    u = torch.rand(want.shape, generator=g, dtype=torch.float64)
+    (ga,) = torch.autograd.grad(got, xs, u.float())
+    (gb,) = torch.autograd.grad(want, x64, u)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=1e-7)
