@@ -4,10 +4,14 @@ Public API (exported from ``thresher.ops`` and ``thresher``)::
 
     weighted_cross_entropy(logits, target, *, sample_weight=None, token_weight=None,
         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-        softcap=None, overwrite_logits=False, backend="auto")
+        softcap=None, weight=None, overwrite_logits=False, return_lse=False, backend="auto")
     linear_weighted_cross_entropy(hidden, lm_weight, target, *, bias=None, sample_weight=None,
         token_weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-        z_loss=0.0, softcap=None, chunk_size=None, backend="auto")
+        z_loss=0.0, softcap=None, weight=None, chunk_size=None, return_lse=False,
+        backend="auto")
+
+(``weight``: class weights, folded into the token weights; ``return_lse``: a
+``CrossEntropyOutput(loss, lse, z_loss)``; ``backend="torch"``: the composable path.)
 
 Per token t with logits x (vocab V; soft-capped first when ``softcap=c`` is given:
 x <- c tanh(x / c), after the LM head's bias, as Gemma 2/3 do), lse = logsumexp(x),
