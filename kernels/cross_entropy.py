@@ -176,7 +176,6 @@ def _ce_fwd_kernel(
         m = tl.full([], float("-inf"), tl.float32)        # running max (block-uniform)
         sx = tl.full([], 0.0, tl.float32)                 # running sum of x (smoothing)
         s_vec = tl.zeros([BLOCK_V], dtype=tl.float32)     # per-lane sum exp(x - m)
-        x_y = _load_row(x_row + y, True, 0.0, cap, SOFTCAP)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V
@@ -187,6 +186,13 @@ def _ce_fwd_kernel(
             s_vec = s_vec * tl.exp(m - m_ref) + tl.exp(xb - m_ref)
             sx += tl.sum(tl.where(mask, xb, 0.0), axis=0)
             m = m_new
+        # x_y is loaded after the sweep (not live across it: the soft-capped small-vocab
+        # kernel would spill on sm_80) but before the block reduction below, whose barrier
+        # orders it before any in-place gradient store. A target outside [0, V) (only where
+        # the op's checks are skipped, inside a torch.compile graph) is never read: NaN
+        # loss, no target term in the gradient.
+        y_ok = (y >= 0) & (y < V)
+        x_y = _load_row(x_row + tl.where(y_ok, y, 0), y_ok, float("nan"), cap, SOFTCAP)
         m_ref = tl.where(m == float("-inf"), 0.0, m)
         lse = m_ref + tl.log(tl.sum(s_vec, axis=0))
         # eps * mean(x) only when smoothing: with eps = 0 a -inf logit must not make 0 * -inf.

@@ -112,35 +112,53 @@ THR_AI float load1c(const T* p, Cap c) {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Pass 1 for float/bf16/fp16 rows: returns lse; sum of x into *sum_x when want_sum_x.
+// Pass 1, one block of n values (in L1 between its sweeps): updates the running max / sum of
+// exp and the sum of x.
+template <typename U>
+THR_AI void block_lse(const U* x, long n, bool want_sum_x, float& run_m, float& run_s,
+                      double& sx_total) {
+  const long nv = n - n % W;
+  v8f vm = v8f{} + kNegInf;
+  for (long j = 0; j < nv; j += W) vm = vmax(vm, load8(x + j));
+  float m = hmax(vm);
+  for (long j = nv; j < n; ++j) m = std::max(m, to_acc(x[j]));
+  if (want_sum_x) {
+    v8f vx = v8f{};
+    for (long j = 0; j < nv; j += W) vx += load8(x + j);
+    float sx = hsum(vx);
+    for (long j = nv; j < n; ++j) sx += to_acc(x[j]);
+    sx_total += sx;
+  }
+  if (m == kNegInf) return;  // an all -inf block adds nothing (and exp(-inf - -inf) is NaN)
+  v8f vs = v8f{};
+  for (long j = 0; j < nv; j += W) vs += vexp(load8(x + j) - m);
+  float s = hsum(vs);
+  for (long j = nv; j < n; ++j) s += thr::fast_expf(to_acc(x[j]) - m);
+  if (m > run_m) {
+    run_s = run_s * thr::fast_expf(run_m - m) + s;  // run_s == 0 while run_m == -inf
+    run_m = m;
+  } else {
+    run_s += s * thr::fast_expf(m - run_m);
+  }
+}
+
+// Pass 1 for float/bf16/fp16 rows: returns lse; sum of x into *sum_x when want_sum_x. With a
+// soft-cap each block is capped once into a float buffer (one tanh per element), which the
+// block's sweeps then read instead of the row.
 template <bool kCap, typename T>
 THR_AI float row_lse(const T* row, long V, bool want_sum_x, double* sum_x, Cap cap) {
   float run_m = kNegInf, run_s = 0.0f;
   double sx_total = 0.0;
+  alignas(32) float buf[kCap ? BLOCK : 1];
   for (long j0 = 0; j0 < V; j0 += BLOCK) {
-    const long n = std::min(BLOCK, V - j0), nv = n - n % W;
-    const T* x = row + j0;
-    v8f vm = v8f{} + kNegInf;
-    for (long j = 0; j < nv; j += W) vm = vmax(vm, load8c<kCap>(x + j, cap));
-    float m = hmax(vm);
-    for (long j = nv; j < n; ++j) m = std::max(m, load1c<kCap>(x + j, cap));
-    if (want_sum_x) {
-      v8f vx = v8f{};
-      for (long j = 0; j < nv; j += W) vx += load8c<kCap>(x + j, cap);
-      float sx = hsum(vx);
-      for (long j = nv; j < n; ++j) sx += load1c<kCap>(x + j, cap);
-      sx_total += sx;
-    }
-    if (m == kNegInf) continue;  // an all -inf block adds nothing (and exp(-inf - -inf) is NaN)
-    v8f vs = v8f{};
-    for (long j = 0; j < nv; j += W) vs += vexp(load8c<kCap>(x + j, cap) - m);
-    float s = hsum(vs);
-    for (long j = nv; j < n; ++j) s += thr::fast_expf(load1c<kCap>(x + j, cap) - m);
-    if (m > run_m) {
-      run_s = run_s * thr::fast_expf(run_m - m) + s;  // run_s == 0 while run_m == -inf
-      run_m = m;
+    const long n = std::min(BLOCK, V - j0);
+    if (kCap) {
+      const long nv = n - n % W;
+      for (long j = 0; j < nv; j += W) store8(buf + j, load8c<true>(row + j0 + j, cap));
+      for (long j = nv; j < n; ++j) buf[j] = load1c<true>(row + j0 + j, cap);
+      block_lse(static_cast<const float*>(buf), n, want_sum_x, run_m, run_s, sx_total);
     } else {
-      run_s += s * thr::fast_expf(m - run_m);
+      block_lse(row + j0, n, want_sum_x, run_m, run_s, sx_total);
     }
   }
   *sum_x = sx_total;
@@ -300,8 +318,11 @@ THR_AI void row_forward(const Rows<T>& a, long i) {
   double sum_x = 0.0;
   const A lse = row_lse_any(row, a.V, a.eps != A(0), &sum_x, a.cap);
   a.lse[i] = lse;
-  a.loss[i] = static_cast<A>(thr::ce_row_loss(lse, target_logit(row, t, a.cap), sum_x, a.V,
-                                              a.eps, a.zl));
+  // A target outside [0, V) (possible only where the Python checks are skipped: inside a
+  // torch.compile graph) is never read: NaN loss, and a gradient row without a target term.
+  const A x_t = t >= 0 && t < a.V ? target_logit(row, t, a.cap)
+                                  : std::numeric_limits<A>::quiet_NaN();
+  a.loss[i] = static_cast<A>(thr::ce_row_loss(lse, x_t, sum_x, a.V, a.eps, a.zl));
   if (grad) row_grad_any(row, grad, a.V, t, lse, a.coef[i], a.eps, a.zl, a.stream, a.cap);
 }
 

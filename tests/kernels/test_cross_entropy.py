@@ -288,6 +288,27 @@ def _empty_batch_case():
     return []
 
 
+def _bad_target_case():
+    """Targets outside [0, V) (what a compiled graph can pass: its value checks are skipped)
+    are never read: NaN loss for the row, and a gradient without a target term."""
+    import torch
+
+    from thresher.kernels import cross_entropy as K
+    problems = []
+    for v in (700, 5000):
+        x = torch.randn(4, v, generator=torch.Generator().manual_seed(v))
+        t = torch.tensor([1, v, -7, 2**40])
+        lse, loss = torch.empty(4), torch.empty(4)
+        grad = torch.empty_like(x)
+        K.ce_forward(x, t, lse, loss, grad, torch.ones(4), -100, 0.0, 0.0)
+        if not (torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()):
+            problems.append(f"V={v}: loss {loss.tolist()}, expected NaN for rows 1-3")
+        p = torch.softmax(x.double(), 1)
+        if not torch.allclose(grad[1:].double(), p[1:], rtol=1e-5, atol=1e-7):
+            problems.append(f"V={v}: bad-target gradient rows are not the plain softmax")
+    return problems
+
+
 def _gpu_rounding_for_bf16():
     """The interpreter (triton 3.7) converts fp32 -> bf16 by dropping mantissa bits; compiled
     for a GPU, the same ``.to(tl.bfloat16)`` is an LLVM fptrunc, i.e. ``cvt.rn.bf16.f32``
@@ -319,7 +340,7 @@ def _child_interp():
     results = {}
     jobs = [("kernel:" + k, lambda kw=kw: _kernel_case(**kw)) for k, kw in KERNEL_CASES.items()]
     jobs += [("op:" + k, lambda kw=kw: _op_case(**kw)) for k, kw in OP_CASES.items()]
-    jobs += [("kernel:empty-batch", _empty_batch_case)]
+    jobs += [("kernel:empty-batch", _empty_batch_case), ("kernel:bad-target", _bad_target_case)]
     for name, job in jobs:
         try:
             problems = job()
@@ -370,7 +391,7 @@ def children(request):
 # ----------------------------------------------------------------------------------------
 
 ALL_CASES = (["kernel:" + k for k in KERNEL_CASES] + ["op:" + k for k in OP_CASES]
-             + ["kernel:empty-batch"])
+             + ["kernel:empty-batch", "kernel:bad-target"])
 
 
 @pytest.mark.parametrize("case", ALL_CASES)

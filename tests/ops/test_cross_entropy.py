@@ -7,6 +7,7 @@ kernels' interpreter runs and AOT compilation are in tests/kernels/test_cross_en
 from __future__ import annotations
 
 import math
+import re
 import os
 import warnings
 
@@ -580,9 +581,14 @@ X, T = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
         (dict(z_loss=-1.0), ValueError, "z_loss must be in"),
         (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
         (dict(overwrite_logits=1), TypeError, "overwrite_logits must be a bool"),
+        (dict(return_lse=1), TypeError, "return_lse must be a bool"),
         (dict(softcap=-1.0), ValueError, r"softcap must be in \[0.0, inf\]"),
         (dict(softcap=float("nan")), ValueError, "softcap must be in"),
         (dict(softcap=float("inf")), ValueError, "softcap must be finite"),
+        (dict(z_loss=float("inf")), ValueError, "z_loss must be finite"),
+        (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must be in"),
+        (dict(logits=X.to("meta"), target=T.to("meta")), ValueError,
+         "logits is a meta tensor: weighted_cross_entropy needs tensors with data"),
         (dict(softcap="30"), TypeError, "softcap must be a number"),
         (dict(overwrite_logits=True, reduction="sample"), ValueError,
          "overwrite_logits=True needs reduction 'sum' or 'mean'"),
@@ -604,6 +610,9 @@ def test_bad_input_weighted(kwargs, exc, match):
         (dict(bias=torch.randn(9)), ValueError, r"bias must have shape \(10\)"),
         (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
         (dict(target=torch.full((2, 3), 10)), ValueError, "target values must be in"),
+        (dict(z_loss=float("inf")), ValueError, "z_loss must be finite"),
+        (dict(hidden=torch.randn(2, 3, 4, device="meta"), lm_weight=torch.randn(10, 4, device="meta"),
+              target=T.to("meta")), ValueError, "hidden is a meta tensor"),
     ],
 )
 def test_bad_input_linear(kwargs, exc, match):
@@ -911,3 +920,198 @@ def test_linear_bf16_bias_rounded_once(backend):
     truth = F.cross_entropy(F.linear(h.double(), w.double(), b.double()), t)
     eager = F.cross_entropy(F.linear(h, w, b).float(), t)
     assert abs(float(got) - float(truth)) <= 2 * abs(float(eager) - float(truth)) + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [-5, 50, 2**40])
+def test_bad_target_in_kernel_gives_nan_row_and_no_oob_read(backend, bad):
+    # the row kernels are what a compiled graph runs with its value checks skipped
+    from thresher.ops.cross_entropy import _KERNELS
+    fwd, bwd = _KERNELS[backend]
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([1, bad, 2])
+    coef = torch.ones(3)
+    grad = torch.empty_like(x)
+    loss, lse = fwd(x, t, coef, grad, -100, 0.0, 0.0, 0.0)
+    ok = torch.tensor([True, False, True])
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[ok]).all()
+    want, _, wgrad = thresher.ops.cross_entropy.reference_cross_entropy_rows(
+        x.double(), torch.tensor([1, 0, 2]), coef.double(), -100, 0.0, 0.0)
+    torch.testing.assert_close(loss[ok].double(), want[ok], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad[ok].double(), wgrad[ok], rtol=1e-5, atol=1e-7)
+    # the bad row's gradient is the softmax without a target term (finite)
+    torch.testing.assert_close(grad[1].double(), torch.softmax(x[1].double(), 0), rtol=1e-5,
+                               atol=1e-7)
+    grad2 = torch.empty_like(x)
+    bwd(x, t, lse, coef, grad2, -100, 0.0, 0.0, 0.0)
+    torch.testing.assert_close(grad2, grad)
+
+
+def test_bad_target_under_compile_is_nan_not_a_crash():
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 50)
+    t = torch.tensor([[1, 2, 2**40], [0, -7, 3]])
+
+    def f(x, t):
+        return thresher.weighted_cross_entropy(x, t, reduction="none")
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, t)
+    assert torch.isnan(out[0, 2]) and torch.isnan(out[1, 1])
+    assert torch.isfinite(out[0, :2]).all()
+    with pytest.raises(ValueError, match="target values must be in"):
+        f(x, t)  # eagerly: the clear error
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_linear_zero_hidden_size(backend):
+    # H = 0: the logits are the bias (or 0), the gradients of hidden and lm_weight are empty
+    t = torch.randint(0, 10, (2, 3))
+    b = torch.randn(10, requires_grad=True)
+    h = torch.randn(2, 3, 0, requires_grad=True)
+    w = torch.randn(10, 0, requires_grad=True)
+    loss = thresher.linear_weighted_cross_entropy(h, w, t, bias=b, backend=backend)
+    bb = b.detach().clone().requires_grad_()
+    ref = F.cross_entropy(bb.expand(6, 10), t.reshape(-1))
+    torch.testing.assert_close(loss, ref)
+    gh, gw, gb = torch.autograd.grad(loss, (h, w, b))
+    assert gh.shape == h.shape and gw.shape == w.shape
+    torch.testing.assert_close(gb, torch.autograd.grad(ref, bb)[0])
+    no_bias = thresher.linear_weighted_cross_entropy(h.detach(), w.detach(), t, backend=backend)
+    torch.testing.assert_close(no_bias, torch.tensor(math.log(10.0)))
+
+
+@pytest.mark.parametrize("env,nvcc,torch_cuda,want", [
+    ({"THRESHER_CUDA": "0"}, True, "12.8", "THRESHER_CUDA=0 turns it off"),
+    ({}, False, "12.8", "no nvcc was found"),
+    ({}, True, None, "torch is a CPU build .* THRESHER_CUDA is not set to 1"),
+    ({"THRESHER_CUDA": "1"}, True, None, "nvcc and the settings to build it are present now"),
+])
+def test_native_status_says_why_cuda_module_was_not_built(monkeypatch, env, nvcc, torch_cuda,
+                                                          want):
+    import importlib
+
+    def no_cuda_module(name, *a, **k):
+        if name == "thresher._C_cuda":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return importlib.import_module(name, *a, **k)
+
+    monkeypatch.delenv("THRESHER_CUDA", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(_native.importlib, "import_module", no_cuda_module)
+    monkeypatch.setattr(_native, "_nvcc_found", lambda: nvcc)
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    monkeypatch.delitem(_native._modules, "_C_cuda", raising=False)
+    monkeypatch.delitem(_native._reasons, "_C_cuda", raising=False)
+    status = thresher.native_status()["_C_cuda"]
+    assert "could not be imported" not in status
+    assert re.search("thresher._C_cuda was not built: " + want, status), status
+
+
+
+# ---------------------------------------------------------------------------------------
+# return_lse: per-token log-sum-exp and the z-loss term alongside the loss
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("linear", [False, True])
+def test_return_lse_and_z_loss_term(backend, reduction, linear):
+    x, t, sw, tw = make_case(2, 5, 41, torch.float32, ignore_frac=0.3)
+    kw = dict(sample_weight=sw, token_weight=tw, reduction=reduction, label_smoothing=0.1,
+              z_loss=1e-2, softcap=6.0, backend=backend)
+    if linear:
+        h = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(2))
+        wt = torch.randn(41, 8, generator=torch.Generator().manual_seed(3))
+        x = F.linear(h, wt)
+        run = lambda **k: thresher.linear_weighted_cross_entropy(  # noqa: E731
+            h.clone().requires_grad_(), wt, t, chunk_size=3, **k)
+    else:
+        run = lambda **k: thresher.weighted_cross_entropy(  # noqa: E731
+            x.clone().requires_grad_(), t, **k)
+    out = run(return_lse=True, **kw)
+    assert isinstance(out, thresher.ops.CrossEntropyOutput)
+    loss, lse, zterm = out
+    torch.testing.assert_close(loss, run(**kw))
+    xc = 6.0 * torch.tanh(x.double() / 6.0)
+    want = torch.where(t != -100, torch.logsumexp(xc, -1), torch.zeros(()).double())
+    assert lse.shape == t.shape and not lse.requires_grad and not zterm.requires_grad
+    torch.testing.assert_close(lse.double(), want, rtol=1e-5, atol=1e-5)
+    zt = formula(xc, t, sw, tw, -100, reduction, 0.0, 1e-2) - formula(xc, t, sw, tw, -100,
+                                                                        reduction, 0.0, 0.0)
+    torch.testing.assert_close(zterm.double(), zt, rtol=1e-4, atol=1e-6)
+    loss.sum().backward()  # the loss still has its gradient
+
+
+# ---------------------------------------------------------------------------------------
+# Class weights (weight=, as F.cross_entropy's)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_weight_matches_f_cross_entropy(backend, reduction, dtype):
+    x, t, _, _ = make_case(3, 4, 29, dtype, ignore_frac=0.25, weights=False)
+    cw = torch.rand(29, generator=torch.Generator().manual_seed(6), dtype=dtype) * 2
+    cw[t.reshape(-1)[0].clamp_min(0)] = 0.0  # a zero class weight too
+    xs = x.clone().requires_grad_()
+    got = thresher.weighted_cross_entropy(xs, t, weight=cw, reduction=reduction,
+                                          backend=backend)
+    x64 = x.double().requires_grad_()
+    want = F.cross_entropy(x64.reshape(-1, 29), t.reshape(-1), weight=cw.double(),
+                           reduction=reduction)
+    want = want.reshape(t.shape) if reduction == "none" else want
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.double(), want.detach(), **tol)
+    u = torch.rand(want.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (g,) = torch.autograd.grad(got, xs, u.to(got.dtype))
+    (gw,) = torch.autograd.grad(want, x64, u)
+    torch.testing.assert_close(g.double(), gw, **tol)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_class_weight_linear_sample_and_errors(backend):
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(2, 5, 8, generator=g), torch.randn(19, 8, generator=g)
+    t = torch.randint(0, 19, (2, 5), generator=g)
+    t[0, 1] = -100
+    cw = torch.rand(19, generator=g) + 0.1
+    tw = torch.rand(2, 5, generator=g)
+    got = thresher.linear_weighted_cross_entropy(h, w, t, weight=cw, token_weight=tw,
+                                                 reduction="sample", backend=backend)
+    tok = F.cross_entropy(F.linear(h, w).reshape(-1, 19), t.reshape(-1), reduction="none",
+                          ignore_index=-100).reshape(2, 5)
+    ww = tw * cw[t.clamp_min(0)] * (t != -100)
+    torch.testing.assert_close(got, (tok * ww).sum(1) / ww.sum(1))
+    with pytest.raises(NotImplementedError, match="label_smoothing"):
+        thresher.linear_weighted_cross_entropy(h, w, t, weight=cw, label_smoothing=0.1,
+                                               backend=backend)
+    with pytest.raises(ValueError, match=r"weight must have shape \(19\)"):
+        thresher.linear_weighted_cross_entropy(h, w, t, weight=cw[:5], backend=backend)
+    with pytest.raises(ValueError, match="weight must be finite and non-negative"):
+        thresher.linear_weighted_cross_entropy(h, w, t, weight=-cw, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("scalar", [0.1, 10.0])
+def test_softcap_with_ignore_index_and_smoothing_like_peers(backend, reduction, scalar):
+    # the case mix of Liger-Kernel's softcap tests: a custom ignore_index, label smoothing,
+    # every F.cross_entropy reduction, small and large logit scales (large saturates the tanh)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3 * 7, 257, generator=g) * scalar
+    t = torch.randint(0, 257, (3 * 7,), generator=g)
+    t[::4] = 2
+    xs = x.clone().requires_grad_()
+    got = thresher.weighted_cross_entropy(xs, t, ignore_index=2, label_smoothing=0.1,
+                                          softcap=5.0, reduction=reduction, backend=backend)
+    x64 = x.double().requires_grad_()
+    want = F.cross_entropy(5.0 * torch.tanh(x64 / 5.0), t, ignore_index=2, label_smoothing=0.1,
+                           reduction=reduction)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    u = torch.rand(want.shape, generator=g, dtype=torch.float64)
+    (ga,) = torch.autograd.grad(got, xs, u.float())
+    (gb,) = torch.autograd.grad(want, x64, u)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=1e-7)

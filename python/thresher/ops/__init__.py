@@ -10,6 +10,7 @@ from .compress import (
     topk_nbytes,
 )
 from .cross_entropy import (
+    CrossEntropyOutput,
     LinearWeightedCrossEntropyLoss,
     WeightedCrossEntropyLoss,
     linear_weighted_cross_entropy,
@@ -26,6 +27,7 @@ __all__ = [
     "linear_weighted_cross_entropy",
     "WeightedCrossEntropyLoss",
     "LinearWeightedCrossEntropyLoss",
+    "CrossEntropyOutput",
     # lowrank
     "choose_side",
     "project",

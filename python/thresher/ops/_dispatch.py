@@ -5,6 +5,12 @@ and dtypes each supports, whether it is available in this process (and why not),
 shape limits. ``Dispatcher.select`` then resolves ``backend="auto"`` to the first backend
 with no objection, and a named backend to itself or to a ``BackendUnavailableError`` that
 lists every reason it cannot run -- never a silent fallback.
+
+Selection is traceable by ``torch.compile(fullgraph=True)`` even when the first thresher call
+of the process is inside the compiled region: the availability checks import modules
+(``thresher._C``, triton), which dynamo cannot trace, so they run through
+``_availability`` / ``_skipped``, which dynamo executes eagerly at trace time and treats as
+constants (``torch.compiler.assume_constant_result``).
 """
 from __future__ import annotations
 
@@ -87,10 +93,27 @@ class BackendSpec:
     on_skip: Callable[[], None] | None = field(default=None, compare=False)
 
 
+_DISPATCHERS: dict[str, "Dispatcher"] = {}
+
+
+@torch.compiler.assume_constant_result
+def _availability(op: str, backend: str) -> str:
+    """Why backend ``backend`` of ``op`` is not available in this process ("" when it is)."""
+    return _DISPATCHERS[op].specs[backend].available() or ""
+
+
+@torch.compiler.assume_constant_result
+def _skipped(op: str, backend: str) -> bool:
+    """Runs the backend's on_skip hook (a warning, once) outside any traced graph."""
+    _DISPATCHERS[op].specs[backend].on_skip()
+    return True
+
+
 class Dispatcher:
     def __init__(self, op: str, specs: Sequence[BackendSpec]):
         self.op = op
         self.specs: Mapping[str, BackendSpec] = {s.name: s for s in specs}
+        _DISPATCHERS[op] = self
 
     def reasons(self, name: str, device: torch.device, dtype: torch.dtype, **problem) -> list[str]:
         """Every reason backend ``name`` cannot run this problem (empty list: it can)."""
@@ -104,7 +127,7 @@ class Dispatcher:
         if dtype not in spec.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in spec.dtypes)
             out.append(f"'{name}' supports dtypes {names}, got {str(dtype).replace('torch.', '')}")
-        why = spec.available()
+        why = _availability(self.op, name)
         if why:
             out.append(why)
         why = spec.limits(**problem)
@@ -130,7 +153,7 @@ class Dispatcher:
             if not self.reasons(spec.name, device, dtype, **problem):
                 return spec.name
             if spec.on_skip is not None:
-                spec.on_skip()
+                _skipped(self.op, spec.name)
         raise BackendUnavailableError(
             f"{self.op}: no backend can run {dtype} tensors on {device.type}:\n  - "
             + "\n  - ".join(r for s in self.specs for r in self.reasons(s, device, dtype, **problem))

@@ -14,6 +14,8 @@ from ``torch.get_num_threads()`` on every call.
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import warnings
 from types import ModuleType
 
@@ -26,11 +28,39 @@ _reasons: dict[str, str] = {}
 _warned: set[str] = set()
 
 
+def _nvcc_found() -> bool:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return shutil.which("nvcc") is not None or os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+def not_built_reason(name: str) -> str:
+    """Why ``thresher.<name>`` was (most likely) never built, judged from this environment by
+    the rules setup.py applies at install time."""
+    if name == "_C":
+        return ("thresher._C was not built (the C++ build failed or was skipped at install; "
+                "pip install -e . -v shows the build log)")
+    flag = os.environ.get("THRESHER_CUDA", "")
+    if flag == "0":
+        why = "THRESHER_CUDA=0 turns it off"
+    elif not _nvcc_found():
+        why = "no nvcc was found (CUDA_HOME, PATH, /usr/local/cuda)"
+    elif flag != "1" and torch.version.cuda is None:
+        why = ("torch is a CPU build (torch.version.cuda is None) and THRESHER_CUDA is not set "
+               "to 1, so setup.py skips it; reinstall with THRESHER_CUDA=1 pip install -e .")
+    else:
+        why = "nvcc and the settings to build it are present now: reinstall (pip install -e .)"
+    return f"thresher._C_cuda was not built: {why}"
+
+
 def _load(name: str) -> ModuleType | None:
     if name in _modules:
         return _modules[name]
     try:
         mod = importlib.import_module(f"thresher.{name}")
+    except ModuleNotFoundError as exc:
+        mod = None
+        _reasons[name] = not_built_reason(name) if exc.name == f"thresher.{name}" else \
+            f"thresher.{name} could not be imported: {type(exc).__name__}: {exc}"
     except Exception as exc:  # noqa: BLE001 - any failure means "not available, here is why"
         mod = None
         _reasons[name] = f"thresher.{name} could not be imported: {type(exc).__name__}: {exc}"

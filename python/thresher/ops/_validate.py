@@ -69,11 +69,22 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def check_range(name: str, value: float, lo: float, hi: float) -> None:
+def check_range(name: str, value: float, lo: float, hi: float, *, finite: bool = False) -> None:
+    """``lo <= value <= hi`` (NaN fails); ``finite``: also not +-inf."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (lo <= value <= hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    if finite and value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_not_meta(name: str, t: torch.Tensor, op: str) -> None:
+    """Kernels and value checks need data: a meta tensor gets a clear error, not an internal
+    one (shape propagation without data is what torch.compile's fake tensors are for)."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: {op} needs tensors with data (for shapes "
+                         "only, trace it with torch.compile, whose fake tensors it supports)")
 
 
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:

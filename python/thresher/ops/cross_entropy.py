@@ -4,10 +4,14 @@ Public API (exported from ``thresher.ops`` and ``thresher``)::
 
     weighted_cross_entropy(logits, target, *, sample_weight=None, token_weight=None,
         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-        softcap=None, overwrite_logits=False, backend="auto")
+        softcap=None, weight=None, overwrite_logits=False, return_lse=False, backend="auto")
     linear_weighted_cross_entropy(hidden, lm_weight, target, *, bias=None, sample_weight=None,
         token_weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-        z_loss=0.0, softcap=None, chunk_size=None, backend="auto")
+        z_loss=0.0, softcap=None, weight=None, chunk_size=None, return_lse=False,
+        backend="auto")
+
+(``weight``: class weights, folded into the token weights; ``return_lse``: a
+``CrossEntropyOutput(loss, lse, z_loss)``; ``backend="torch"``: the composable path.)
 
 Per token t with logits x (vocab V; soft-capped first when ``softcap=c`` is given:
 x <- c tanh(x / c), after the LM head's bias, as Gemma 2/3 do), lse = logsumexp(x),
@@ -57,7 +61,7 @@ buffer is reused and its logits never reach the caller.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -73,6 +77,7 @@ from ._dispatch import (
 )
 from ._validate import (
     check_choice,
+    check_not_meta,
     check_range,
     check_tensor,
     check_weights,
@@ -85,6 +90,7 @@ __all__ = [
     "linear_weighted_cross_entropy",
     "WeightedCrossEntropyLoss",
     "LinearWeightedCrossEntropyLoss",
+    "CrossEntropyOutput",
     "reference_cross_entropy_rows",
 ]
 
@@ -117,7 +123,10 @@ def reference_cross_entropy_rows(x, target, coef, ignore_index, eps, zl, sc=0.0,
     acc = _acc_dtype(x.dtype)
     xf = _softcap(x.to(acc), sc)
     valid = target != ignore_index
-    tgt = torch.where(valid, target, torch.zeros_like(target))
+    # A target outside [0, V) gets a NaN loss and no target term, as in the kernels (it is
+    # rejected before any kernel runs, except inside a torch.compile graph).
+    in_range = (target >= 0) & (target < x.size(-1))
+    tgt = torch.where(valid & in_range, target, torch.zeros_like(target))
     if lse is None:
         lse = torch.logsumexp(xf, dim=-1) if x.size(-1) else xf.new_full((x.size(0),), -math.inf)
         lse = torch.where(valid, lse, torch.zeros_like(lse))
@@ -125,11 +134,13 @@ def reference_cross_entropy_rows(x, target, coef, ignore_index, eps, zl, sc=0.0,
     loss = lse - (1 - eps) * x_t + zl * lse * lse
     if eps:
         loss = loss - eps * xf.mean(-1)
+    loss = torch.where(in_range, loss, torch.full_like(loss, math.nan))
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     grad = None
     if coef is not None:
         g = torch.exp(xf - lse[:, None]) * (1 + 2 * zl * lse)[:, None] - eps / x.size(-1)
-        g.scatter_add_(1, tgt[:, None], torch.full_like(x_t, -(1 - eps))[:, None])
+        shift = torch.where(in_range, torch.full_like(x_t, -(1 - eps)), torch.zeros_like(x_t))
+        g.scatter_add_(1, tgt[:, None], shift[:, None])
         g = torch.where(valid[:, None], g * coef.to(acc)[:, None], torch.zeros_like(g))
         if sc:
             g = g * (1 - (xf / sc) ** 2)
@@ -401,8 +412,8 @@ def _(hidden, weight, bias, target, lse, grad_coef, needs, ignore_index, label_s
 def _composite_ce(logits, target, coef, scalar, fuse, ii, eps, zl, sc, backend, overwrite=False):
     """``backend="torch"``: the same contract as ``_WeightedCE.apply`` from plain PyTorch ops,
     so every autograd order and ``torch.func`` (jvp, vmap, grad of grad) works through it."""
-    loss, _, _ = reference_cross_entropy_rows(logits, target, None, ii, eps, zl, sc)
-    return (loss * coef).sum() if scalar else loss
+    loss, lse, _ = reference_cross_entropy_rows(logits, target, None, ii, eps, zl, sc)
+    return ((loss * coef).sum() if scalar else loss), lse.detach()
 
 
 def _composite_linear_ce(hidden, weight, bias, target, coef, scalar, fuse, ii, eps, zl, sc, chunk,
@@ -449,7 +460,8 @@ def _take_fused(ctx):
 
 class _WeightedCE(torch.autograd.Function):
     """``scalar=True``: returns ``sum_t coef_t l_t`` and may fuse the gradient into the
-    forward (``fuse``); ``scalar=False``: returns the per-token losses ``l``."""
+    forward (``fuse``); ``scalar=False``: returns the per-token losses ``l``. Both also return
+    the per-token lse (no gradient: for return_lse)."""
 
     @staticmethod
     def forward(ctx, logits, target, coef, scalar, fuse, ii, eps, zl, sc, backend, overwrite=False):
@@ -466,10 +478,11 @@ class _WeightedCE(torch.autograd.Function):
             ctx.save_for_backward(logits, target, lse, coef)
             ctx.fused = grad if fuse else None
         ctx.cfg = (scalar, ii, eps, zl, sc, backend)
-        return (loss * coef).sum() if scalar else loss
+        ctx.mark_non_differentiable(lse)
+        return ((loss * coef).sum() if scalar else loss), lse
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_lse):
         logits, target, lse, coef = ctx.saved_tensors
         scalar, ii, eps, zl, sc, backend = ctx.cfg
         fused = _take_fused(ctx)
@@ -500,10 +513,11 @@ class _LinearWeightedCE(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, target, lse, coef)
         ctx.fused = (gh, gw, gb) if fuse else None
         ctx.cfg = (scalar, needs, ii, eps, zl, sc, chunk, backend)
-        return (loss * coef).sum() if scalar else loss
+        ctx.mark_non_differentiable(lse)
+        return ((loss * coef).sum() if scalar else loss), lse
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_lse):
         hidden, weight, bias, target, lse, coef = ctx.saved_tensors
         scalar, needs, ii, eps, zl, sc, chunk, backend = ctx.cfg
         fused = _take_fused(ctx)
@@ -537,12 +551,10 @@ class _LinearWeightedCE(torch.autograd.Function):
 def _check_common(target, lead_shape, device, vocab, sample_weight, token_weight, ignore_index,
                   reduction, label_smoothing, z_loss, softcap):
     check_choice("reduction", reduction, REDUCTIONS)
-    if softcap is not None:
-        check_range("softcap", softcap, 0.0, math.inf)
-        if softcap == math.inf:
-            raise ValueError("softcap must be finite (None or 0 turns it off), got inf")
+    if softcap is not None:  # None or 0: off
+        check_range("softcap", softcap, 0.0, math.inf, finite=True)
     check_range("label_smoothing", label_smoothing, 0.0, 1.0)
-    check_range("z_loss", z_loss, 0.0, math.inf)
+    check_range("z_loss", z_loss, 0.0, math.inf, finite=True)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_tensor("target", target, dtypes=(torch.int64, torch.int32), device=device,
@@ -568,6 +580,31 @@ def _check_common(target, lead_shape, device, vocab, sample_weight, token_weight
         check_weights("token_weight", token_weight)
 
 
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _fold_class_weight(weight, target, token_weight, ignore_index, vocab, label_smoothing):
+    """``weight`` (per class, as ``F.cross_entropy``'s) folded into the token weights:
+    ``tw_t * weight[y_t]``. Exact for F.cross_entropy's semantics without label smoothing --
+    each token's loss scaled by its target class's weight, and the "mean" normaliser
+    ``sum_t weight[y_t]`` -- which is why smoothing (whose term weights every class) is
+    refused with it. Returns the new token weights (or ``token_weight`` when no weight)."""
+    if weight is None:
+        return token_weight
+    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=target.device,
+                 shape=(vocab,))
+    check_weights("weight", weight)
+    if label_smoothing:
+        raise NotImplementedError(
+            "weight= (class weights) with label_smoothing > 0 is not supported: its smoothing "
+            "term weights every class; use label_smoothing=0 or token_weight=")
+    t = target.to(torch.int64)
+    cw = weight[torch.where(t != ignore_index, t, torch.zeros_like(t)).clamp(0, vocab - 1)]
+    return cw if token_weight is None else token_weight * cw.to(token_weight.dtype)
+
+
 def _weights(target2, sample_weight, token_weight, ignore_index, acc):
     """Per-token weights (B, T): sample_weight[b] * token_weight[b, t], 0 where ignored.
     Also returns the token-only weights used by the "sample" reduction."""
@@ -590,24 +627,46 @@ def _normalised(w, dim=None):
     return ws / ws.sum(**kw).clamp_min(1.0)  # the sum is >= 1 unless every weight is 0
 
 
-def _run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, reduction,
-         needs_grad, acc, make_args):
-    """Applies the reduction around ``fn`` (a _WeightedCE / _LinearWeightedCE apply)."""
-    w, tw = _weights(target2, sample_weight, token_weight, ignore_index, acc)
-    dummy = w.new_ones(())  # unused coefficient in the per-token mode
+class CrossEntropyOutput(NamedTuple):
+    """What ``return_lse=True`` returns: ``loss`` (as without it), ``lse`` (the per-token
+    log-sum-exp of the (soft-capped) logits, ``target``'s shape, 0 where ignored) and
+    ``z_loss`` (the z-loss part of ``loss``, ``z_loss * lse^2`` reduced like it). ``lse`` and
+    ``z_loss`` carry no gradient: they are for logging."""
+
+    loss: Tensor
+    lse: Tensor
+    z_loss: Tensor
+
+
+def _reduce(rows, w, tw, sample_weight, reduction, target_shape, acc):
+    """``rows`` (per-token values, flat) reduced with the weights (see the module docstring)."""
     if reduction in ("sum", "mean"):
         coef = w.reshape(-1)
-        if reduction == "mean":
-            coef = _normalised(coef)
-        if coef.requires_grad:  # differentiable weights: the weighting stays outside the op
-            return (fn(*make_args(dummy, False, False)) * coef).sum()
-        fuse = needs_grad and not torch.compiler.is_compiling()
-        return fn(*make_args(coef.contiguous(), True, fuse))
-    loss = fn(*make_args(dummy, False, False)).reshape(tw.shape)
+        return (rows * (_normalised(coef) if reduction == "mean" else coef)).sum()
+    rows = rows.reshape(tw.shape)
     if reduction == "none":
-        return (loss * w).reshape(target_shape)
-    per_seq = (loss * _normalised(tw, 1)).sum(1)
+        return (rows * w).reshape(target_shape)
+    per_seq = (rows * _normalised(tw, 1)).sum(1)
     return per_seq if sample_weight is None else per_seq * sample_weight.to(acc)
+
+
+def _run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, reduction,
+         needs_grad, acc, make_args, zl, return_lse):
+    """Applies the reduction around ``fn`` (a _WeightedCE / _LinearWeightedCE apply)."""
+    w, tw = _weights(target2, sample_weight, token_weight, ignore_index, acc)
+    reduce = lambda rows: _reduce(rows, w, tw, sample_weight, reduction, target_shape, acc)  # noqa: E731
+    coef = w.reshape(-1)
+    if reduction in ("sum", "mean") and not coef.requires_grad:
+        # the weighting inside the op, which may then fuse the gradient into the forward
+        coef = _normalised(coef) if reduction == "mean" else coef
+        fuse = needs_grad and not torch.compiler.is_compiling()
+        loss, lse = fn(*make_args(coef.contiguous(), True, fuse))
+    else:  # per-token losses (also sum/mean with differentiable weights), reduced here
+        rows, lse = fn(*make_args(w.new_ones(()), False, False))
+        loss = reduce(rows)
+    if not return_lse:
+        return loss
+    return CrossEntropyOutput(loss, lse.reshape(target_shape), reduce(zl * lse * lse).detach())
 
 
 def _as_2d_target(target):
@@ -626,19 +685,26 @@ def weighted_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    weight: Tensor | None = None,
     overwrite_logits: bool = False,
+    return_lse: bool = False,
     backend: str = "auto",
-) -> Tensor:
+) -> Tensor | CrossEntropyOutput:
     """Weighted cross-entropy of ``logits (B, T, V)`` or ``(N, V)`` against ``target`` (the
     leading shape). See the module docstring for the weights and reductions, and for
     ``overwrite_logits`` (write the gradient over the logits: faster, destroys them).
-    ``softcap``: logits <- softcap * tanh(logits / softcap) first (Gemma 2/3); None/0: off."""
+    ``softcap``: logits <- softcap * tanh(logits / softcap) first (Gemma 2/3); None/0: off.
+    ``return_lse=True``: a :class:`CrossEntropyOutput` ``(loss, lse, z_loss)`` instead.
+    ``weight``: class weights ``(V,)`` as ``F.cross_entropy``'s (see _fold_class_weight)."""
+    _check_flag("return_lse", return_lse)
     check_tensor("logits", logits, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_not_meta("logits", logits, "weighted_cross_entropy")
     vocab = logits.size(-1)
     _check_common(target, tuple(logits.shape[:-1]), logits.device, vocab, sample_weight,
                   token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    if not isinstance(overwrite_logits, bool):
-        raise TypeError(f"overwrite_logits must be a bool, got {type(overwrite_logits).__name__}")
+    token_weight = _fold_class_weight(weight, target, token_weight, ignore_index, vocab,
+                                      label_smoothing)
+    _check_flag("overwrite_logits", overwrite_logits)
     if overwrite_logits and reduction not in ("sum", "mean"):
         raise ValueError(f"overwrite_logits=True needs reduction 'sum' or 'mean' (a scalar loss "
                          f"whose gradient the forward computes), got reduction={reduction!r}")
@@ -652,6 +718,7 @@ def weighted_cross_entropy(
         lambda coef, scalar, fuse: (x, tflat, coef, scalar, fuse, ignore_index,
                                     float(label_smoothing), float(z_loss), float(softcap or 0.0),
                                     name, overwrite_logits),
+        float(z_loss), return_lse,
     )
 
 
@@ -668,15 +735,20 @@ def linear_weighted_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    weight: Tensor | None = None,
     chunk_size: int | None = None,
+    return_lse: bool = False,
     backend: str = "auto",
-) -> Tensor:
+) -> Tensor | CrossEntropyOutput:
     """``weighted_cross_entropy(hidden @ lm_weight.T + bias, target, ...)`` without ever
     materialising the ``(N, V)`` logits: peak extra memory is one ``(chunk_size, V)``
     buffer (default: about 128 MiB worth of rows, see ``LINEAR_CHUNK_BYTES``) plus an fp32
     ``lm_weight``-sized gradient accumulator. Under ``torch.no_grad()`` nothing is kept.
-    ``softcap`` is applied after the bias, as in :func:`weighted_cross_entropy`."""
+    ``softcap`` is applied after the bias, as in :func:`weighted_cross_entropy`;
+    ``return_lse`` too."""
+    _check_flag("return_lse", return_lse)
     check_tensor("hidden", hidden, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_not_meta("hidden", hidden, "linear_weighted_cross_entropy")
     H = hidden.size(-1)
     check_tensor("lm_weight", lm_weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device,
                  shape=(None, H))
@@ -685,7 +757,9 @@ def linear_weighted_cross_entropy(
         check_tensor("bias", bias, dtypes=(hidden.dtype,), device=hidden.device, shape=(vocab,))
     _check_common(target, tuple(hidden.shape[:-1]), hidden.device, vocab, sample_weight,
                   token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    n = hidden.numel() // max(H, 1)
+    token_weight = _fold_class_weight(weight, target, token_weight, ignore_index, vocab,
+                                      label_smoothing)
+    n = math.prod(hidden.shape[:-1])  # (not numel // H: H may be 0, logits = bias or 0)
     if chunk_size is None:
         chunk_size = LINEAR_CHUNK_BYTES // max(1, vocab * hidden.element_size())
         chunk_size = max(16, 1 << max(0, chunk_size.bit_length() - 1))
@@ -693,7 +767,7 @@ def linear_weighted_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     chunk_size = max(1, min(chunk_size, n))
     name = DISPATCH.select(backend, hidden.device, hidden.dtype, vocab=vocab)
-    h2 = hidden.reshape(-1, H).contiguous()
+    h2 = hidden.reshape(n, H).contiguous()
     w = lm_weight.contiguous()
     target2, tflat = _as_2d_target(target)
     needs_grad = torch.is_grad_enabled() and (
@@ -705,6 +779,7 @@ def linear_weighted_cross_entropy(
         lambda coef, scalar, fuse: (h2, w, bias, tflat, coef, scalar, fuse, ignore_index,
                                     float(label_smoothing), float(z_loss), float(softcap or 0.0),
                                     chunk_size, name),
+        float(z_loss), return_lse,
     )
 
 
@@ -712,8 +787,9 @@ class WeightedCrossEntropyLoss(torch.nn.Module):
     """Module form of :func:`weighted_cross_entropy` (configuration only, no parameters)."""
 
     def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 softcap=None, overwrite_logits=False, backend="auto"):
+                 softcap=None, weight=None, overwrite_logits=False, backend="auto"):
         super().__init__()
+        self.register_buffer("weight", weight)  # class weights: moved by .to(device)
         check_choice("reduction", reduction, REDUCTIONS)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.z_loss, self.backend = label_smoothing, z_loss, backend
@@ -725,7 +801,7 @@ class WeightedCrossEntropyLoss(torch.nn.Module):
             logits, target, sample_weight=sample_weight, token_weight=token_weight,
             ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            overwrite_logits=self.overwrite_logits, backend=self.backend)
+            weight=self.weight, overwrite_logits=self.overwrite_logits, backend=self.backend)
 
     def extra_repr(self):
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
@@ -738,8 +814,9 @@ class LinearWeightedCrossEntropyLoss(torch.nn.Module):
     (and bias) at call time so it can sit behind any model's final hidden states."""
 
     def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 softcap=None, chunk_size=None, backend="auto"):
+                 softcap=None, weight=None, chunk_size=None, backend="auto"):
         super().__init__()
+        self.register_buffer("weight", weight)
         check_choice("reduction", reduction, REDUCTIONS)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.z_loss, self.softcap = label_smoothing, z_loss, softcap
@@ -750,7 +827,7 @@ class LinearWeightedCrossEntropyLoss(torch.nn.Module):
             hidden, lm_weight, target, bias=bias, sample_weight=sample_weight,
             token_weight=token_weight, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            chunk_size=self.chunk_size,
+            weight=self.weight, chunk_size=self.chunk_size,
             backend=self.backend)
 
     def extra_repr(self):
