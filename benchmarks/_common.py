@@ -43,7 +43,7 @@ import torch
 MiB = 2**20
 GiB = 2**30
 
-# Public H100 SXM figures used for the GPU roofline estimates (see DESIGN.md, Benchmarks).
+# Public H100 SXM figures used for the GPU roofline estimates (see docs/architecture.md, "Benchmarks").
 H100_HBM_BYTES_PER_S = 3.35e12
 H100_BF16_DENSE_FLOP_PER_S = 990e12
 

@@ -168,7 +168,7 @@ THR_HD float fast_expf(float x) {
 #endif
 }
 
-// --- cross-entropy per-row algebra (ALGORITHMS/issue: weighted CE with smoothing, z-loss) ---
+// --- cross-entropy per-row algebra (docs/algorithms.md: weighted CE with smoothing, z-loss) ---
 //
 // With lse = logsumexp(x), label smoothing eps and z-loss coefficient zl, the per-token loss
 //   l = (1-eps)(lse - x_y) + eps (lse - mean_j x_j) + zl lse^2

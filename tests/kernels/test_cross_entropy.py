@@ -1,6 +1,6 @@
 """Triton kernels of the weighted cross-entropy op (kernels/cross_entropy.py).
 
-No GPU here, so GPU readiness is shown two ways (DESIGN.md, "Testing without a GPU"):
+No GPU here, so GPU readiness is shown two ways (docs/architecture.md, "Testing without a GPU"):
 
 * numerics: the kernels run under the Triton interpreter on CPU tensors. TRITON_INTERPRET
   must be set before triton is first imported, and this pytest process may already have

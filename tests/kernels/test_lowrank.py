@@ -1,12 +1,12 @@
 """Triton kernels of the low-rank Adam step (kernels/lowrank.py).
 
-GPU readiness without a GPU (DESIGN.md): the numerics run under the Triton interpreter on
+GPU readiness without a GPU (docs/architecture.md): the numerics run under the Triton interpreter on
 CPU tensors in a child process (TRITON_INTERPRET must be set before triton is imported),
 and every kernel variant x dtype the launchers use is AOT-compiled for sm_80 and sm_90 in
 another child and must not spill. Both children start together when the module's first test
 needs them.
 
-Ground truth: the float64 transcription of ALGORITHMS.md §3/§4 from tests/ops/test_lowrank.py
+Ground truth: the float64 transcription of docs/algorithms.md §3/§4 from tests/ops/test_lowrank.py
 (reimplemented here to keep the child self-contained); a kernel's error must be at most 2x
 the error of PyTorch eager in the input dtype (the same formulas as torch ops, each rounding
 to that dtype) plus a floor of 2^-20 of the quantity's scale -- for bf16/fp16 the
@@ -44,7 +44,7 @@ def _torch_dtype(name):
 
 
 def _step_in(dtype, W, G, Q, m, v, E, side, hp):
-    """ALGORITHMS.md §3/§4 written out with torch ops in ``dtype``: float64 is the ground
+    """docs/algorithms.md §3/§4 written out with torch ops in ``dtype``: float64 is the ground
     truth, the storage dtype is "PyTorch eager" (every op rounding to that dtype)."""
     W, G, Q, m, v = (t.to(dtype) for t in (W, G, Q, m, v))
     lordo = E is not None

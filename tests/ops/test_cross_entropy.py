@@ -1,7 +1,7 @@
 """Tests for thresher.ops.cross_entropy (weighted CE and the fused linear variant).
 
 Ground truth is float64; a backend's error must be at most 2x the error of the same-dtype
-eager PyTorch computation plus a tiny absolute floor (DESIGN.md, Testing). The Triton
+eager PyTorch computation plus a tiny absolute floor (docs/architecture.md, "Testing without a GPU"). The Triton
 kernels' interpreter runs and AOT compilation are in tests/kernels/test_cross_entropy.py.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Ground truths are float64: torch.linalg.svd for the refresh, torch.optim.AdamW for the
 known answer (a square basis that is a permutation: Adam in a permuted basis is Adam), and a
-plain transcription of ALGORITHMS.md §3 (LoRDO) / §4 (GaLore) for the fused step. A backend's
+plain transcription of docs/algorithms.md §3 (LoRDO) / §4 (GaLore) for the fused step. A backend's
 float32 error must be at most 2x the error of the same computation done eagerly in float32
 (the reference backend) plus a tiny floor. The step is an in-place optimizer update, not an
 autograd function, so there is no gradcheck; opcheck and torch.compile cover the custom op.
@@ -206,7 +206,7 @@ def test_meta_tensors_are_refused_by_name():
 
 
 def transcription(W, G, Q, m, v, E, *, side, step, lr, b1, b2, eps, wd, scale, omega, mu):
-    """ALGORITHMS.md §3/§4 written out in float64 (no thresher code); returns new tensors."""
+    """docs/algorithms.md §3/§4 written out in float64 (no thresher code); returns new tensors."""
     W, G, Q, m, v = (t.double() for t in (W, G, Q, m, v))
     lordo = E is not None
     A = G + E.double() if lordo else G

@@ -1,6 +1,6 @@
 """LoRDO (thresher.optim.lordo) on real gloo process groups (2 ranks on loopback).
 
-Known answers: a float64 transcription of ALGORITHMS.md §3 written plainly below (two
+Known answers: a float64 transcription of docs/algorithms.md §3 written plainly below (two
 workers, six steps, two syncs, clipping active, projection error feedback, the full-rank
 quasi-hyperbolic term, weight decay, Nesterov outer step, bases from the averaged Δ); M ranks
 that see identical data equal one rank; all ranks identical after a sync; exact byte counts;

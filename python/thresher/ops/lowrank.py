@@ -25,7 +25,7 @@ The step (bias-corrected Adam on R; ``bc_i = 1 - beta_i^step``)::
         [LoRDO: - lr (1 - omega) G / (mu (D + eps))]          # one fused full-size pass
 
 with ``c = scale`` (GaLore, ``error=None``) or ``c = omega * scale`` (LoRDO, ``error`` given).
-LoRDO's full-rank normaliser (ALGORITHMS.md §3, the documented choice) is
+LoRDO's full-rank normaliser (docs/algorithms.md §3, the documented choice) is
 ``D = sqrt(mean over the rank dimension of v_hat)``, i.e. the RMS of ``sqrt(v_hat)`` along the
 rank axis, broadcast along the other one:
 

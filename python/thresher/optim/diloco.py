@@ -1,5 +1,5 @@
 """DiLoCo and SparseLoCo: H local AdamW steps, then an outer step on the averaged
-pseudo-gradient (ALGORITHMS.md §4). No model wrapper; the user calls ``opt.step()``.
+pseudo-gradient (docs/algorithms.md §4). No model wrapper; the user calls ``opt.step()``.
 
 DiLoCo: every ``sync_every`` (H) steps, Δ = mean_m(θ^m − θ_anchor) by one dense all-reduce,
 then outer SGD on ``−Δ`` with Nesterov momentum (lr 0.7, momentum 0.9 by default); with

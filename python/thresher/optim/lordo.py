@@ -1,4 +1,4 @@
-"""LoRDO: distributed low-rank optimisation with infrequent communication (ALGORITHMS.md §3,
+"""LoRDO: distributed low-rank optimisation with infrequent communication (docs/algorithms.md §3,
 arXiv 2602.04396).
 
 Each rank keeps its own copy of the model (no DDP wrapper; the user calls ``opt.step()``
@@ -18,7 +18,7 @@ take plain AdamW steps. Every ``sync_every`` steps all ranks average Δ = θ^m �
 recompute every Q from the averaged Δ with a seed shared by all ranks, so the bases stay
 identical everywhere without being sent.
 
-Choices (ALGORITHMS.md marks them (choice); each is an argument):
+Choices (docs/algorithms.md §3 marks them (choice); each is an argument):
 - ``D``: column-wise RMS of √v̂ over the rank dimension, broadcast over the other one (what
   ``lowrank_adam_step`` computes); the low-rank moments are bias-corrected (Adam's rule).
 - ``side="auto"``: GaLore's rule (p >= q -> "right", else "left"); or force "left"/"right".

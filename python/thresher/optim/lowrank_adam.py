@@ -1,4 +1,4 @@
-"""LowRankAdam: GaLore-style low-rank Adam (ALGORITHMS.md §4), a drop-in torch.optim.Optimizer.
+"""LowRankAdam: GaLore-style low-rank Adam (docs/algorithms.md §4), a drop-in torch.optim.Optimizer.
 
 For every 2-D parameter W (p x q) whose smaller side is large enough (below), the gradient is
 projected onto a rank-r basis Q of its smaller side (``thresher.ops.lowrank.choose_side``:

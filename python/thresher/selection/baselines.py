@@ -1,4 +1,4 @@
-"""Offline selection baselines as ``Scorer``s (ALGORITHMS.md §4). Higher score = keep.
+"""Offline selection baselines as ``Scorer``s (docs/algorithms.md §4). Higher score = keep.
 
 ===========  ======================================================  =======================
 method       models trained in ``fit``                               score of sample x

@@ -1,4 +1,4 @@
-"""BLISS -- bilevel influence scoring (Hao et al., arXiv 2510.06048), ALGORITHMS.md §1.
+"""BLISS -- bilevel influence scoring (Hao et al., arXiv 2510.06048), docs/algorithms.md §1.
 
 A score model theta_s gives each sample s_i in (0,1); P = softmax(s) over the batch weights a
 proxy LM's lower-level loss ``g(theta_p) = sum_i P_i l_i + gamma KL(target || proxy) +
@@ -175,7 +175,7 @@ def kl_to_target(proxy_logits: Tensor, target_logits: Tensor, mask: Tensor) -> T
 # ----------------------------------------------------------------------------------------
 
 
-# The paper's reference hyper-parameters (ALGORITHMS.md §1; Pythia-31M/160M proxies, GPU):
+# The paper's reference hyper-parameters (docs/algorithms.md §1; Pythia-31M/160M proxies, GPU):
 # ``build_scorer("bliss", vocab_size=V, model="base", **PAPER_DEFAULTS)``. The class
 # defaults below are the ones that move a ~0.1M-parameter proxy within a CPU minute.
 PAPER_DEFAULTS = dict(inner_steps=5, z_loops=3, lr_z=1e-2, lambda_z=1e-2, reg=1e-7,
