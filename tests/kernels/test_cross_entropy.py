@@ -78,6 +78,13 @@ OP_CASES.update({
     "bf16-linear-none": dict(dtype="bf16", reduction="none", linear=True),
     "fp32-mean-softcap": dict(dtype="fp32", reduction="mean", softcap=3.0),
     "bf16-linear-sample-softcap": dict(dtype="bf16", reduction="sample", linear=True, softcap=3.0),
+    # class weights with label smoothing: the smoothing term is composed outside the kernels
+    "fp32-sample-class-weight": dict(dtype="fp32", reduction="sample", class_weight=True),
+    "bf16-mean-class-weight": dict(dtype="bf16", reduction="mean", class_weight=True),
+    "fp32-linear-sum-class-weight": dict(dtype="fp32", reduction="sum", linear=True,
+                                         class_weight=True),
+    "bf16-linear-none-class-weight": dict(dtype="bf16", reduction="none", linear=True,
+                                          class_weight=True),
 })
 
 
@@ -218,7 +225,8 @@ def _kernel_case(dtype, n, v, eps=0.0, zl=0.0, pad=0, inplace=False, with_grad=T
     return problems
 
 
-def _op_case(dtype, reduction, shape=(2, 5, 300), no_grad=False, linear=False, softcap=None):
+def _op_case(dtype, reduction, shape=(2, 5, 300), no_grad=False, linear=False, softcap=None,
+             class_weight=False):
     import torch
 
     import thresher
@@ -232,6 +240,10 @@ def _op_case(dtype, reduction, shape=(2, 5, 300), no_grad=False, linear=False, s
     tw = torch.rand(lead, generator=g)
     kw = dict(sample_weight=sw, token_weight=tw, reduction=reduction, label_smoothing=0.1,
               z_loss=1e-3, softcap=softcap)
+    if class_weight:  # one class weighted 0
+        cw = torch.rand(v, generator=g) * 2
+        cw[target.view(-1)[1]] = 0.0
+        kw["weight"] = cw
     if linear:
         # the fused LM-head op: the kernel overwrites each logits chunk with its gradient
         hidden = torch.randn(*lead, 16, generator=g)

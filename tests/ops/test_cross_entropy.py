@@ -1071,6 +1071,122 @@ def test_class_weight_matches_f_cross_entropy(backend, reduction, dtype):
     torch.testing.assert_close(g.double(), gw, **tol)
 
 
+def _class_weight_truth(x64, t, cw, sw, tw, reduction, eps):
+    """F.cross_entropy(weight=, label_smoothing=) per token in float64, with the sample and
+    token weights on top; "mean"/"sample" divide by the same weights times weight[target]."""
+    V, d = x64.size(-1), x64.dtype
+    cw, sw, tw = cw.to(d), sw.to(d), tw.to(d)
+    tok = F.cross_entropy(x64.reshape(-1, V), t.reshape(-1), weight=cw,
+                          label_smoothing=eps, reduction="none").reshape(t.shape)
+    ww = tw * sw[:, None]
+    nw = ww * cw[t.clamp_min(0)] * (t != -100)
+    if reduction == "none":
+        return tok * ww
+    if reduction == "sum":
+        return (tok * ww).sum()
+    if reduction == "mean":
+        return (tok * ww).sum() / nw.sum()
+    ntw = tw * cw[t.clamp_min(0)] * (t != -100)
+    return sw * (tok * tw).sum(1) / ntw.sum(1)
+
+
+def _class_weights(V, dtype, t, seed=6):
+    cw = (torch.rand(V, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+          * 2).to(dtype)
+    cw[t.reshape(-1)[0].clamp_min(0)] = 0.0  # a zero class weight: its tokens still count
+    return cw
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_class_weight_with_smoothing_matches_f_cross_entropy(backend, reduction, dtype):
+    x, t, sw, tw = make_case(3, 4, 29, dtype, ignore_frac=0.25)
+    cw = _class_weights(29, dtype, t)
+    eps = 0.2
+    u = torch.rand(t.shape if reduction == "none" else (3,) if reduction == "sample" else (),
+                   generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    xs = x.clone().requires_grad_()
+    got = thresher.weighted_cross_entropy(xs, t, weight=cw, sample_weight=sw, token_weight=tw,
+                                          label_smoothing=eps, reduction=reduction,
+                                          backend=backend)
+    (g,) = torch.autograd.grad(got, xs, u.to(got.dtype))
+    x64 = x.double().requires_grad_()
+    want = _class_weight_truth(x64, t, cw, sw, tw, reduction, eps)
+    (gw,) = torch.autograd.grad(want, x64, u)
+    if dtype == torch.bfloat16:  # within 2x the error of F.cross_entropy run in bf16
+        xe = x.clone().requires_grad_()
+        eager = _class_weight_truth(xe, t, cw, sw, tw, reduction, eps)
+        (ge,) = torch.autograd.grad(eager, xe, u.to(eager.dtype))
+        assert_within_eager("loss", got, want.detach(), eager.detach(), dtype)
+        assert_within_eager("grad", g, gw, ge, dtype)
+        return
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.double(), want.detach(), **tol)
+    torch.testing.assert_close(g.double(), gw, **tol)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_class_weight_with_smoothing_linear(backend, reduction):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(23, 8, generator=g, dtype=torch.float64)
+    b = torch.randn(23, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 23, (2, 5), generator=g)
+    t[0, 1] = t[1, 4] = -100
+    cw, sw, tw = _class_weights(23, torch.float64, t), torch.rand(2, generator=g, dtype=torch.float64), \
+        torch.rand(2, 5, generator=g, dtype=torch.float64)
+    u = torch.rand(t.shape if reduction == "none" else (2,) if reduction == "sample" else (),
+                   generator=g, dtype=torch.float64)
+    for dtype, tol in [(torch.float64, dict(rtol=1e-10, atol=1e-12)),
+                       (torch.float32, dict(rtol=1e-5, atol=1e-5))]:
+        ins = [v.to(dtype).requires_grad_() for v in (h, w, b)]
+        got = thresher.linear_weighted_cross_entropy(
+            ins[0], ins[1], t, bias=ins[2], weight=cw.to(dtype), sample_weight=sw.to(dtype),
+            token_weight=tw.to(dtype), label_smoothing=0.3, reduction=reduction, chunk_size=3,
+            backend=backend)
+        grads = torch.autograd.grad(got, ins, u.to(got.dtype))
+        ref = [v.clone().requires_grad_() for v in (h, w, b)]
+        want = _class_weight_truth(F.linear(*ref), t, cw, sw, tw, reduction, 0.3)
+        wgrads = torch.autograd.grad(want, ref, u)
+        torch.testing.assert_close(got.double(), want.detach(), **tol)
+        for a, e in zip(grads, wgrads):
+            torch.testing.assert_close(a.double(), e, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_weight_with_smoothing_overwrite_zloss_and_lse(backend):
+    """overwrite_logits keeps the smoothing term (read before the kernel overwrites the
+    logits); the z-loss is scaled by a_t = (1 - eps) w_y + eps W / V, the class weight
+    expected under the smoothed target (w_y without smoothing)."""
+    x, t, _, _ = make_case(2, 6, 31, torch.float64, ignore_frac=0.3, weights=False)
+    cw = _class_weights(31, torch.float64, t)
+    eps, zl = 0.25, 1e-2
+    kw = dict(weight=cw, label_smoothing=eps, reduction="mean", backend=backend)
+    xs = x.clone().requires_grad_()
+    ref = thresher.weighted_cross_entropy(xs, t, **kw)
+    (g_ref,) = torch.autograd.grad(ref, xs)
+    xo = x.clone().requires_grad_()
+    got = thresher.weighted_cross_entropy(xo.clone(), t, overwrite_logits=True, **kw)
+    (g_got,) = torch.autograd.grad(got, xo)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-12, atol=1e-12)
+
+    x64 = x.clone().requires_grad_()
+    out = thresher.weighted_cross_entropy(x64, t, z_loss=zl, return_lse=True, **kw)
+    ones = torch.ones_like(t, dtype=torch.float64)
+    lse = torch.where(t != -100, torch.logsumexp(x, -1), torch.zeros(()).double())
+    a = (1 - eps) * cw[t.clamp_min(0)] + eps * cw.sum() / 31
+    norm = (cw[t.clamp_min(0)] * (t != -100)).sum()
+    zterm = (zl * a * lse * lse).sum() / norm
+    torch.testing.assert_close(out.z_loss, zterm, rtol=1e-10, atol=1e-12)
+    want = _class_weight_truth(x64, t, cw, ones[:, 0], ones, "mean", eps)
+    torch.testing.assert_close(out.loss, want + zterm, rtol=1e-10, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="label_smoothing > 0 and softcap"):
+        thresher.weighted_cross_entropy(x, t, softcap=5.0, **kw)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_class_weight_linear_sample_and_errors(backend):
     g = torch.Generator().manual_seed(1)
@@ -1085,9 +1201,9 @@ def test_class_weight_linear_sample_and_errors(backend):
                           ignore_index=-100).reshape(2, 5)
     ww = tw * cw[t.clamp_min(0)] * (t != -100)
     torch.testing.assert_close(got, (tok * ww).sum(1) / ww.sum(1))
-    with pytest.raises(NotImplementedError, match="label_smoothing"):
+    with pytest.raises(NotImplementedError, match="label_smoothing > 0 and softcap"):
         thresher.linear_weighted_cross_entropy(h, w, t, weight=cw, label_smoothing=0.1,
-                                               backend=backend)
+                                               softcap=5.0, backend=backend)
     with pytest.raises(ValueError, match=r"weight must have shape \(19\)"):
         thresher.linear_weighted_cross_entropy(h, w, t, weight=cw[:5], backend=backend)
     with pytest.raises(ValueError, match="weight must be finite and non-negative"):

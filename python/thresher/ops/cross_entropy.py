@@ -10,7 +10,7 @@ Public API (exported from ``thresher.ops`` and ``thresher``)::
         z_loss=0.0, softcap=None, weight=None, chunk_size=None, return_lse=False,
         backend="auto")
 
-(``weight``: class weights, folded into the token weights; ``return_lse``: a
+(``weight``: class weights as F.cross_entropy's, label smoothing included; ``return_lse``: a
 ``CrossEntropyOutput(loss, lse, z_loss)``; ``backend="torch"``: the composable path.)
 
 Per token t with logits x (vocab V; soft-capped first when ``softcap=c`` is given:
@@ -585,24 +585,58 @@ def _check_flag(name, value):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
-def _fold_class_weight(weight, target, token_weight, ignore_index, vocab, label_smoothing):
-    """``weight`` (per class, as ``F.cross_entropy``'s) folded into the token weights:
-    ``tw_t * weight[y_t]``. Exact for F.cross_entropy's semantics without label smoothing --
-    each token's loss scaled by its target class's weight, and the "mean" normaliser
-    ``sum_t weight[y_t]`` -- which is why smoothing (whose term weights every class) is
-    refused with it. Returns the new token weights (or ``token_weight`` when no weight)."""
+class _ClassWeight(NamedTuple):
+    """Class weights resolved per token (flat, accumulation dtype): ``wy = weight[y_t]`` (the
+    "mean"/"sample" normaliser's weight, as F.cross_entropy's) and ``gain`` (what scales the
+    kernel's per-token loss), plus ``linear``: the smoothing correction (None without it)."""
+
+    wy: Tensor
+    gain: Tensor
+    linear: Optional[Tensor]
+
+
+def _class_weight(weight, target, ignore_index, vocab, label_smoothing, softcap, acc,
+                  linear_terms):
+    """``weight`` (per class, as ``F.cross_entropy``'s) per token. F.cross_entropy's loss is
+    ``(1 - eps) w_y (lse - x_y) + eps/V sum_j w_j (lse - x_j)`` with the "mean" normaliser
+    ``sum_t w_{y_t}``. That equals ``a_t (lse - x_y) + eps/V (W x_y - w.x)`` with
+    ``a_t = (1 - eps) w_y + eps W / V`` (``W = sum_j w_j``): the kernels' unsmoothed loss
+    scaled by ``a_t`` plus a term linear in the logits (a GEMV), whose exact gradient
+    autograd gives -- so every backend runs the same kernels, with eps = 0. ``a_t`` is the
+    class weight expected under the smoothed target, which is also what scales the z-loss
+    (``w_y`` without smoothing, as before). ``linear_terms(wf, y)`` returns
+    ``(x_y, w.x)`` per token for that correction (docs/cross_entropy_class_weights.md).
+    Returns None without ``weight``."""
     if weight is None:
-        return token_weight
+        return None
     check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=target.device,
                  shape=(vocab,))
     check_weights("weight", weight)
-    if label_smoothing:
+    if label_smoothing and softcap:
         raise NotImplementedError(
-            "weight= (class weights) with label_smoothing > 0 is not supported: its smoothing "
-            "term weights every class; use label_smoothing=0 or token_weight=")
-    t = target.to(torch.int64)
-    cw = weight[torch.where(t != ignore_index, t, torch.zeros_like(t)).clamp(0, vocab - 1)]
-    return cw if token_weight is None else token_weight * cw.to(token_weight.dtype)
+            "weight= (class weights) with label_smoothing > 0 and softcap is not supported: "
+            "the smoothing term would need every soft-capped logit; drop one of the three")
+    t = target.reshape(-1).to(torch.int64)
+    valid = t != ignore_index
+    y = torch.where(valid, t, torch.zeros_like(t)).clamp(0, vocab - 1)
+    wf = weight.to(acc)
+    wy = wf[y]
+    if not label_smoothing:
+        return _ClassWeight(wy, wy, None)
+    eps = float(label_smoothing)
+    W = wf.sum()
+    x_y, wx = linear_terms(wf, y)
+    lin = (eps / vocab) * (W * x_y - wx)
+    return _ClassWeight(wy, (1 - eps) * wy + (eps / vocab) * W,
+                        torch.where(valid, lin, torch.zeros_like(lin)))
+
+
+def _rows_dot(x, v, acc):
+    """``x @ v`` accumulated and returned in ``acc``: a 16-bit ``x`` is converted ~64 MiB at a
+    time, so no fp32 copy of it exists (and the backward needs only ``v``)."""
+    if x.dtype == acc or not x.size(0):
+        return x.to(acc) @ v
+    return torch.cat([c.to(acc) @ v for c in x.split(max(1, 2**24 // max(1, x.size(1))))])
 
 
 def _weights(target2, sample_weight, token_weight, ignore_index, acc):
@@ -615,16 +649,19 @@ def _weights(target2, sample_weight, token_weight, ignore_index, acc):
     return w, tw
 
 
-def _normalised(w, dim=None):
-    """``w / w.sum(dim)`` (0 where every weight is 0) without overflow or underflow: scaled by
-    the largest weight first, so the sum is in [1, n] (a float32 sum of weights >= 3.4e38 is
-    inf, one of subnormal weights loses their digits)."""
+def _normalised(w, den=None, dim=None):
+    """``w / den.sum(dim)`` (``den`` defaults to ``w``; 0 where every ``den`` is 0) without
+    overflow or underflow: scaled by the largest ``den`` first, so the sum is in [1, n] (a
+    float32 sum of weights >= 3.4e38 is inf, one of subnormal weights loses their digits)."""
     if w.numel() == 0:
         return w
+    den = w if den is None else den
     kw = {} if dim is None else dict(dim=dim, keepdim=True)
-    m = w.amax(**kw)
-    ws = w / torch.where(m > 0, m, torch.ones_like(m))
-    return ws / ws.sum(**kw).clamp_min(1.0)  # the sum is >= 1 unless every weight is 0
+    m = den.amax(**kw)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    total = (den / m).sum(**kw)
+    out = (w / m) / total.clamp_min(1.0)  # the sum is >= 1 unless every den is 0
+    return out if den is w else torch.where(total > 0, out, torch.zeros_like(out))
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -638,35 +675,52 @@ class CrossEntropyOutput(NamedTuple):
     z_loss: Tensor
 
 
-def _reduce(rows, w, tw, sample_weight, reduction, target_shape, acc):
-    """``rows`` (per-token values, flat) reduced with the weights (see the module docstring)."""
+def _reduce(rows, w, tw, nw, ntw, sample_weight, reduction, target_shape, acc):
+    """``rows`` (per-token values, flat) reduced with the weights (see the module docstring);
+    ``nw``/``ntw``: the normalisers' weights ("mean"/"sample"), ``w``/``tw`` times the class
+    weight of the target."""
     if reduction in ("sum", "mean"):
         coef = w.reshape(-1)
-        return (rows * (_normalised(coef) if reduction == "mean" else coef)).sum()
+        return (rows * (_normalised(coef, nw.reshape(-1)) if reduction == "mean" else coef)).sum()
     rows = rows.reshape(tw.shape)
     if reduction == "none":
         return (rows * w).reshape(target_shape)
-    per_seq = (rows * _normalised(tw, 1)).sum(1)
+    per_seq = (rows * _normalised(tw, ntw, 1)).sum(1)
     return per_seq if sample_weight is None else per_seq * sample_weight.to(acc)
 
 
 def _run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, reduction,
-         needs_grad, acc, make_args, zl, return_lse):
-    """Applies the reduction around ``fn`` (a _WeightedCE / _LinearWeightedCE apply)."""
+         needs_grad, acc, make_args, zl, return_lse, cw):
+    """Applies the reduction around ``fn`` (a _WeightedCE / _LinearWeightedCE apply); ``cw``:
+    the class weights per token (a _ClassWeight) or None."""
     w, tw = _weights(target2, sample_weight, token_weight, ignore_index, acc)
-    reduce = lambda rows: _reduce(rows, w, tw, sample_weight, reduction, target_shape, acc)  # noqa: E731
+    nw, ntw = (w, tw) if cw is None else (w * cw.wy.reshape(w.shape), tw * cw.wy.reshape(w.shape))
+    reduce = lambda rows: _reduce(rows, w, tw, nw, ntw, sample_weight, reduction,  # noqa: E731
+                                  target_shape, acc)
+    gain = None if cw is None else cw.gain
     coef = w.reshape(-1)
-    if reduction in ("sum", "mean") and not coef.requires_grad:
+    if reduction in ("sum", "mean") and not coef.requires_grad and \
+            (gain is None or not gain.requires_grad):
         # the weighting inside the op, which may then fuse the gradient into the forward
-        coef = _normalised(coef) if reduction == "mean" else coef
+        num = coef if gain is None else coef * gain
+        scale = (lambda c: _normalised(c, nw.reshape(-1))) if reduction == "mean" \
+            else (lambda c: c)
         fuse = needs_grad and not torch.compiler.is_compiling()
-        loss, lse = fn(*make_args(coef.contiguous(), True, fuse))
+        loss, lse = fn(*make_args(scale(num).contiguous(), True, fuse))
+        if cw is not None and cw.linear is not None:
+            loss = loss + (cw.linear * scale(coef)).sum()
     else:  # per-token losses (also sum/mean with differentiable weights), reduced here
         rows, lse = fn(*make_args(w.new_ones(()), False, False))
+        if gain is not None:
+            rows = rows * gain
+        if cw is not None and cw.linear is not None:
+            rows = rows + cw.linear
         loss = reduce(rows)
     if not return_lse:
         return loss
-    return CrossEntropyOutput(loss, lse.reshape(target_shape), reduce(zl * lse * lse).detach())
+    zrows = zl * lse * lse
+    return CrossEntropyOutput(loss, lse.reshape(target_shape),
+                              reduce(zrows if gain is None else zrows * gain).detach())
 
 
 def _as_2d_target(target):
@@ -695,30 +749,35 @@ def weighted_cross_entropy(
     ``overwrite_logits`` (write the gradient over the logits: faster, destroys them).
     ``softcap``: logits <- softcap * tanh(logits / softcap) first (Gemma 2/3); None/0: off.
     ``return_lse=True``: a :class:`CrossEntropyOutput` ``(loss, lse, z_loss)`` instead.
-    ``weight``: class weights ``(V,)`` as ``F.cross_entropy``'s (see _fold_class_weight)."""
+    ``weight``: class weights ``(V,)`` as ``F.cross_entropy``'s (see _class_weight)."""
     _check_flag("return_lse", return_lse)
     check_tensor("logits", logits, ndim=(2, 3), dtypes=FLOAT_DTYPES)
     check_not_meta("logits", logits, "weighted_cross_entropy")
     vocab = logits.size(-1)
     _check_common(target, tuple(logits.shape[:-1]), logits.device, vocab, sample_weight,
                   token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    token_weight = _fold_class_weight(weight, target, token_weight, ignore_index, vocab,
-                                      label_smoothing)
     _check_flag("overwrite_logits", overwrite_logits)
     if overwrite_logits and reduction not in ("sum", "mean"):
         raise ValueError(f"overwrite_logits=True needs reduction 'sum' or 'mean' (a scalar loss "
                          f"whose gradient the forward computes), got reduction={reduction!r}")
     name = DISPATCH.select(backend, logits.device, logits.dtype, vocab=vocab)
     x = rows_contiguous(logits.reshape(-1, vocab))
+    acc = _acc_dtype(logits.dtype)
+    # Before the kernel, with ops whose backward keeps no reference to x (indexing, not
+    # gather): overwrite_logits=True replaces x with its gradient.
+    cw = _class_weight(weight, target, ignore_index, vocab, label_smoothing, softcap, acc,
+                       lambda wf, y: (x[torch.arange(x.size(0), device=x.device), y].to(acc),
+                                         _rows_dot(x, wf, acc)))
     target2, tflat = _as_2d_target(target)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     return _run(
         _composite_ce if name == "torch" else _WeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
         reduction, needs_grad, _acc_dtype(logits.dtype),
         lambda coef, scalar, fuse: (x, tflat, coef, scalar, fuse, ignore_index,
-                                    float(label_smoothing), float(z_loss), float(softcap or 0.0),
-                                    name, overwrite_logits),
-        float(z_loss), return_lse,
+                                    0.0 if cw is not None else float(label_smoothing),  # see cw
+                                    float(z_loss),
+                                    float(softcap or 0.0), name, overwrite_logits),
+        float(z_loss), return_lse, cw,
     )
 
 
@@ -757,8 +816,6 @@ def linear_weighted_cross_entropy(
         check_tensor("bias", bias, dtypes=(hidden.dtype,), device=hidden.device, shape=(vocab,))
     _check_common(target, tuple(hidden.shape[:-1]), hidden.device, vocab, sample_weight,
                   token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    token_weight = _fold_class_weight(weight, target, token_weight, ignore_index, vocab,
-                                      label_smoothing)
     n = math.prod(hidden.shape[:-1])  # (not numel // H: H may be 0, logits = bias or 0)
     if chunk_size is None:
         chunk_size = LINEAR_CHUNK_BYTES // max(1, vocab * hidden.element_size())
@@ -769,6 +826,18 @@ def linear_weighted_cross_entropy(
     name = DISPATCH.select(backend, hidden.device, hidden.dtype, vocab=vocab)
     h2 = hidden.reshape(n, H).contiguous()
     w = lm_weight.contiguous()
+    acc = _acc_dtype(hidden.dtype)
+
+    def linear_terms(wf, y):  # x_y and w.x from the (N, H) hidden states, no (N, V) logits
+        hf = h2.to(acc)
+        x_y = (hf * w[y].to(acc)).sum(-1)
+        wx = hf @ _rows_dot(w.t(), wf, acc)
+        if bias is not None:
+            x_y, wx = x_y + bias[y].to(acc), wx + bias.to(acc) @ wf
+        return x_y, wx
+
+    cw = _class_weight(weight, target, ignore_index, vocab, label_smoothing, softcap, acc,
+                       linear_terms)
     target2, tflat = _as_2d_target(target)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or lm_weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -777,9 +846,10 @@ def linear_weighted_cross_entropy(
         _composite_linear_ce if name == "torch" else _LinearWeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
         reduction, needs_grad, _acc_dtype(hidden.dtype),
         lambda coef, scalar, fuse: (h2, w, bias, tflat, coef, scalar, fuse, ignore_index,
-                                    float(label_smoothing), float(z_loss), float(softcap or 0.0),
-                                    chunk_size, name),
-        float(z_loss), return_lse,
+                                    0.0 if cw is not None else float(label_smoothing),  # see cw
+                                    float(z_loss),
+                                    float(softcap or 0.0), chunk_size, name),
+        float(z_loss), return_lse, cw,
     )
 
 
