@@ -69,7 +69,8 @@ def test_exact_ties_are_broken_by_position():
         model.head.zero_()
         model.emb.zero_()
     val = torch.zeros(2, 5, dtype=torch.long)
-    b = BLADE(model, val, gamma=0.5, tau=100, ref_steps=1, ref_lr=1e-300, val_batch_size=2)
+    b = BLADE(model, val, gamma=0.5, tau=100, ref_steps=1, ref_lr=1e-300, val_batch_size=2,
+              ref_warmup_steps=0)
     ids, labels = batch(B=8, T=6, pad=False)
     a = b.select(ids, labels)
     assert torch.equal(b.last_scores, torch.zeros(8))
@@ -84,7 +85,8 @@ def test_exact_ties_are_broken_by_position():
 def test_reference_resyncs_exactly_every_tau_calls(monkeypatch):
     model = TinyLM()
     val, _ = two_domain_data(16)
-    b = BLADE(model, val, gamma=0.5, tau=3, ref_steps=2, ref_lr=0.05, val_batch_size=4)
+    b = BLADE(model, val, gamma=0.5, tau=3, ref_steps=2, ref_lr=0.05, val_batch_size=4,
+              ref_schedule="reset")
     events = []
     real_fit = blade_mod.fit_reference
 
@@ -127,7 +129,7 @@ def test_reference_takes_exactly_K_adamw_steps_on_val_plus_lambda_train(granular
     K, lam = 4, 0.7
     b = BLADE(model, val, gamma=0.5, tau=5, ref_steps=K, lam=lam, ref_lr=0.03,
               ref_weight_decay=0.01, ref_grad_clip=0.5, val_batch_size=4, seed=11,
-              granularity=granularity)
+              granularity=granularity, ref_schedule="reset")
     ids, labels = batch(B=6, T=7)
     b.select(ids, labels)
     # replicate by hand: w = theta, K AdamW steps on L_val(w) + lam * L_train(1, w)
@@ -217,8 +219,9 @@ def test_reset_schedule_with_warmup_fits_first_then_resets():
     model = TinyLM()
     val, _ = two_domain_data(16)
     b = BLADE(model, val, gamma=0.5, tau=2, ref_steps=2, ref_lr=0.05, val_batch_size=4,
-              ref_warmup_steps=4)
-    plain = BLADE(TinyLM(), val, gamma=0.5, tau=2, ref_steps=2, ref_lr=0.05, val_batch_size=4)
+              ref_schedule="reset", ref_warmup_steps=4)
+    plain = BLADE(TinyLM(), val, gamma=0.5, tau=2, ref_steps=2, ref_lr=0.05, val_batch_size=4,
+                  ref_schedule="reset")
     ids, labels = batch(B=8, T=7, seed=0)
     b.select(ids, labels)
     plain.select(ids, labels)
@@ -390,6 +393,18 @@ def test_factory_builds_blade():
     val, _ = two_domain_data(4)
     b = build_online_selector("blade", TinyLM(), val, granularity="token", tau=7, gamma=0.3)
     assert isinstance(b, BLADE) and b.tau == 7 and b.granularity == "token" and b.gamma == 0.3
+
+
+def test_schedule_dependent_defaults():
+    # the default is the persistent reference with RHO-LOSS's first fit (docs/blade.md);
+    # "reset" keeps its previous behaviour: no first fit, moments cleared at every sync
+    val, _ = two_domain_data(4)
+    b = BLADE(TinyLM(), val)
+    assert (b.ref_schedule, b.ref_warmup_steps, b.reset_ref_optimizer) == ("persistent", 200,
+                                                                           False)
+    assert b.ref_optimizer.defaults["lr"] == 1e-3
+    r = BLADE(TinyLM(), val, ref_schedule="reset")
+    assert (r.ref_warmup_steps, r.reset_ref_optimizer) == (0, True)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

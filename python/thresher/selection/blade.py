@@ -1,4 +1,4 @@
-"""BLADE: bi-level adaptive data selection, online (ALGORITHMS.md section 2).
+"""BLADE: bi-level adaptive data selection, online (docs/blade.md).
 
 The bilevel objective is replaced by the penalised single-level one
 ``min_alpha L_val(w) + lam [L_train(alpha, w) - L_train(alpha, theta)]``. ``L_train`` is linear
@@ -6,8 +6,12 @@ in ``alpha``, so its gradient in ``alpha`` is minus the *excess loss*
 ``e_i = l_i(theta) - l_i(w)``, and one memoryless randomised block-coordinate Frank-Wolfe step
 (the candidate batch is the random block, step size 1) is the linear-minimisation oracle over
 ``{alpha in [0,1]^B, sum alpha = gamma B}``: **top-gamma B by e_i**. theta then trains on the
-alpha-weighted loss. The reference ``w`` is *dynamic*: every ``tau`` calls it is re-copied
-from theta and takes ``K = ref_steps`` AdamW steps on ``L_val(w) + lam L_train(alpha, w)``.
+alpha-weighted loss. The reference ``w`` is *dynamic*: every ``tau`` calls it takes
+``K = ref_steps`` AdamW steps on ``L_val(w) + lam L_train(alpha, w)``, starting either from a
+fresh copy of theta (``ref_schedule="reset"``) or from its own previous value
+(``"persistent"``: w is a second lower-level iterate, copied from theta once and optionally
+fitted for ``ref_warmup_steps`` steps on ``L_val`` first). docs/blade.md explains the choice
+and gives the measurements.
 
 Usage (any PyTorch loop; ``model`` has ``thresher.models.GPT``'s ``loss`` API)::
 
@@ -17,7 +21,7 @@ Usage (any PyTorch loop; ``model`` has ``thresher.models.GPT``'s ``loss`` API)::
         model.loss(input_ids, labels, sample_weight=alpha).backward()  # token_weight= at
         opt.step(); opt.zero_grad()                                 # granularity="token"
 
-Choices (ALGORITHMS.md marks the paper's open details; these are ours, all options):
+Choices (details the paper leaves open; these are ours, all options):
 
 * **When the reference syncs.** On calls ``0, tau, 2 tau, ...`` (0-based), *before* scoring
   that call's batch, so the first batch is already scored against a fitted reference.
@@ -27,9 +31,9 @@ Choices (ALGORITHMS.md marks the paper's open details; these are ours, all optio
   the fresh reference and that alpha is returned. Cost of a sync call: ``K`` forward+backward
   passes on a validation batch and the candidate batch, plus one extra no-grad forward.
 * **Reference optimizer.** AdamW (``ref_lr``, ``ref_betas``, ``ref_weight_decay``, gradient
-  clipping ``ref_grad_clip``); its moments are reset at every sync by default
-  (``reset_ref_optimizer``) because ``w`` jumps to theta and old moments describe a
-  different point.
+  clipping ``ref_grad_clip``); with ``"reset"`` its moments are cleared at every sync by
+  default (``reset_ref_optimizer``) because ``w`` jumps to theta and old moments describe a
+  different point; with ``"persistent"`` they are kept, since ``w`` continues where it was.
 * ``lam`` weighs the training term; ``lam = 0`` gives a reference fine-tuned on the target
   only (a dynamic RHO-LOSS).
 
@@ -70,9 +74,10 @@ class BLADE(OnlineSelector):
     samples: ``thresher.data.Samples``, a (N, T) LongTensor or ``(input_ids, labels)``),
     ``gamma`` kept fraction in (0, 1], ``tau`` calls between reference syncs (>= 1),
     ``ref_steps`` K (>= 1), ``lam`` >= 0, ``granularity`` "sequence" | "token",
-    ``ref_schedule`` "reset" (``w <- theta`` at every sync) | "persistent" (``w`` copied from
-    theta once, then warm-started from its own previous value), ``ref_warmup_steps`` K0 >= 0
-    (steps on ``L_val`` alone before the first sync, as RHO-LOSS fits its reference),
+    ``ref_schedule`` "persistent" (default: ``w`` copied from theta once, then warm-started
+    from its own previous value) | "reset" (``w <- theta`` at every sync, the schedule before
+    issue 16), ``ref_warmup_steps`` K0 >= 0 (steps on ``L_val`` alone before the first sync,
+    as RHO-LOSS fits its reference; default 200 for "persistent", 0 for "reset"),
     ``reset_ref_optimizer`` (default: True for "reset", False for "persistent"),
     ``val_batch_size``, ``seed`` (the validation batch order)."""
 
@@ -80,8 +85,8 @@ class BLADE(OnlineSelector):
 
     def __init__(self, model: nn.Module, val_data, *, gamma: float = 0.6, tau: int = 400,
                  ref_steps: int = 75, lam: float = 1.0, granularity: str = "sequence",
-                 ref_schedule: str = "reset", ref_warmup_steps: int = 0,
-                 ref_lr: float = 3e-4, ref_betas: tuple[float, float] = (0.9, 0.95),
+                 ref_schedule: str = "persistent", ref_warmup_steps: int | None = None,
+                 ref_lr: float = 1e-3, ref_betas: tuple[float, float] = (0.9, 0.95),
                  ref_weight_decay: float = 0.0, ref_grad_clip: float = 1.0,
                  reset_ref_optimizer: bool | None = None, val_batch_size: int = 16,
                  seed: int = 0):
@@ -92,6 +97,8 @@ class BLADE(OnlineSelector):
         self.ref_grad_clip = check_positive("ref_grad_clip", ref_grad_clip, allow_zero=True)
         check_choice("ref_schedule", ref_schedule, REF_SCHEDULES)
         self.ref_schedule = ref_schedule
+        if ref_warmup_steps is None:  # RHO-LOSS's default reference fit (200 steps at 1e-3)
+            ref_warmup_steps = 200 if ref_schedule == "persistent" else 0
         self.ref_warmup_steps = check_int("ref_warmup_steps", ref_warmup_steps, 0)
         if reset_ref_optimizer is None:
             reset_ref_optimizer = ref_schedule == "reset"
