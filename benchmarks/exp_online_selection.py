@@ -42,6 +42,12 @@ theta's own recent progress; a sweep over (tau, K, ref_lr, lam) picked these); R
 reference trained from theta's initialisation for steps/2 AdamW steps at lr 3e-3 on the
 selection half of the target (not tuned).
 
+BLADE's reference schedule (docs/blade.md): ``--ref-schedule reset`` (default here, the
+tuned setting above) or ``persistent`` (the library default; ``--ref-lr 3e-3 --ref-warmup
+-1`` gives it the RHO reference's first fit). ``--extra-corrupt 2`` is the corrupted-pool
+variant: every extra document also enters as two corrupted copies (two-thirds corrupted).
+``exp_online_selection_summary.py OUT/runs`` tabulates every configuration run into OUT.
+
 Usage::
 
     python benchmarks/exp_online_selection.py --quick            # ~20 min on 2 busy cores
