@@ -42,6 +42,12 @@ theta's own recent progress; a sweep over (tau, K, ref_lr, lam) picked these); R
 reference trained from theta's initialisation for steps/2 AdamW steps at lr 3e-3 on the
 selection half of the target (not tuned).
 
+BLADE's reference schedule (docs/blade.md): ``--ref-schedule reset`` (default here, the
+tuned setting above) or ``persistent`` (the library default; ``--ref-lr 3e-3 --ref-warmup
+-1`` gives it the RHO reference's first fit). ``--extra-corrupt 2`` is the corrupted-pool
+variant: every extra document also enters as two corrupted copies (two-thirds corrupted).
+``exp_online_selection_summary.py OUT/runs`` tabulates every configuration run into OUT.
+
 Usage::
 
     python benchmarks/exp_online_selection.py --quick            # ~20 min on 2 busy cores
@@ -108,7 +114,10 @@ def build_data(args):
         name = Path(path).parent.name if Path(path).stem in ("test", "valid", "input") \
             else Path(path).stem
         pool += [(t, name) for t in docs]
-        bad = rng.permutation(len(docs))[:int(round(args.extra_corrupt * len(docs)))]
+        # above 1, several corrupted copies per document (one permutation per round, so a
+        # fraction <= 1 draws exactly what it always did)
+        rounds = [rng.permutation(len(docs)) for _ in range(max(1, math.ceil(args.extra_corrupt)))]
+        bad = np.concatenate(rounds)[:int(round(args.extra_corrupt * len(docs)))]
         for j, i in enumerate(bad):
             kind = CORRUPTION_KINDS[j % len(CORRUPTION_KINDS)]
             pool.append((_corrupt(docs[int(i)], kind, rng), f"{name}-corrupt"))
@@ -174,7 +183,8 @@ def selector_opts(args, method, seed):
     if name in ("rho", "rho1"):
         return {**common, "ref_steps": args.rho_ref_steps, "ref_lr": args.rho_ref_lr}
     return {**common, "tau": args.tau, "ref_steps": args.ref_steps, "lam": args.lam,
-            "ref_lr": args.ref_lr}
+            "ref_lr": args.ref_lr, "ref_schedule": args.ref_schedule,
+            "ref_warmup_steps": args.ref_warmup}
 
 
 def run_one(args, method, seed, data, steps):
@@ -305,10 +315,11 @@ _SELECTOR_KEYS = {
     "random": ("random_mult",), "highloss": (),
     "rho": ("rho_ref_lr", "val_batch", "rho_ref_steps"),
     "rho1": ("rho_ref_lr", "val_batch", "rho_ref_steps"),
-    "blade": ("ref_lr", "val_batch", "tau", "ref_steps", "lam"),
+    "blade": ("ref_lr", "val_batch", "tau", "ref_steps", "lam", "ref_schedule", "ref_warmup"),
 }
 _NOT_IN_KEY = {"resume", "no_progress", "out", "methods", "seeds", "threads", "random_mult",
-               "ref_lr", "rho_ref_lr", "val_batch", "rho_ref_steps", "tau", "ref_steps", "lam", "target_source",
+               "ref_lr", "rho_ref_lr", "val_batch", "rho_ref_steps", "tau", "ref_steps", "lam",
+               "ref_schedule", "ref_warmup", "target_source",
                "data_fingerprint"}
 
 
@@ -332,7 +343,8 @@ def parse_args(argv=None):
                    help="extra pool sources (default: wikitext-2/test.txt and tinyshakespeare "
                         "from ../shared/data when present)")
     p.add_argument("--extra-corrupt", type=float, default=0.3,
-                   help="fraction of the extra pool documents also added as corrupted copies")
+                   help="corrupted copies added per extra pool document (0.3: 30%% of them get "
+                        "one; 2: every one gets two, a pool two-thirds corrupted)")
     p.add_argument("--extra-docs", type=int, default=0, help="cap documents per extra source (0: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--data-seed", type=int, default=0)
@@ -352,6 +364,11 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=int, default=None, help="BLADE re-sync interval (default steps/15)")
     p.add_argument("--ref-steps", type=int, default=None, help="BLADE K (default tau)")
     p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--ref-schedule", choices=("reset", "persistent"), default="reset",
+                   help="BLADE reference: re-copied from theta at every sync, or its own iterate")
+    p.add_argument("--ref-warmup", type=int, default=0,
+                   help="BLADE K0: reference steps on the selection data before the first sync "
+                        "(-1: the RHO reference's step count)")
     p.add_argument("--ref-lr", type=float, default=3e-2, help="BLADE reference learning rate")
     p.add_argument("--rho-ref-lr", type=float, default=3e-3,
                    help="RHO/RHO-1 static reference learning rate")
@@ -380,6 +397,8 @@ def parse_args(argv=None):
         args.ref_steps = args.tau
     if args.rho_ref_steps is None:
         args.rho_ref_steps = max(1, args.steps // 2)
+    if args.ref_warmup < 0:
+        args.ref_warmup = args.rho_ref_steps
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // 15)
     if args.quick:
@@ -409,7 +428,8 @@ def main(argv=None) -> int:
     print(f"pool: {len(pool_s)} samples of {args.seq_len} tokens {counts}; target {target_name}: "
           f"{len(sel_s)} selection-val / {len(ev)} eval samples; vocab {tok.vocab_size}; "
           f"data {time.perf_counter() - t0:.0f}s", flush=True)
-    print(f"tau={args.tau} K={args.ref_steps} lam={args.lam} gamma={args.gamma} "
+    print(f"tau={args.tau} K={args.ref_steps} lam={args.lam} ref_lr={args.ref_lr} "
+          f"schedule={args.ref_schedule} K0={args.ref_warmup} gamma={args.gamma} "
           f"steps={args.steps} B={args.batch} rho_ref_steps={args.rho_ref_steps}", flush=True)
 
     runs = {}

@@ -42,13 +42,13 @@ MODES = {
                   batch=8, eval_every=20,
                   bliss=dict(warmup_steps=80, outer_steps=25, warmup_lr=2e-3,
                              model=dict(d_model=64, n_layers=2, n_heads=2)),
-                  loss=dict(steps=150), blade=dict(tau=10, ref_steps=10, ref_lr=3e-2),
+                  loss=dict(steps=150), blade=dict(tau=10, ref_steps=10, ref_lr=3e-3),
                   model=dict(d_model=64, n_layers=2, n_heads=2), sync_every=8, rank=16),
     "default": dict(embedded="default", max_pool_docs=2000, vocab=4096, seq_len=128, steps=200,
                     batch=8, eval_every=40,
                     bliss=dict(warmup_steps=100, outer_steps=30, warmup_lr=2e-3,
                                model=dict(d_model=64, n_layers=2, n_heads=2)),
-                    loss=dict(steps=150), blade=dict(tau=25, ref_steps=5, ref_lr=3e-2),
+                    loss=dict(steps=150), blade=dict(tau=25, ref_steps=5, ref_lr=3e-3),
                     model=dict(), sync_every=16, rank=32),
 }
 

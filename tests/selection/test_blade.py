@@ -69,7 +69,8 @@ def test_exact_ties_are_broken_by_position():
         model.head.zero_()
         model.emb.zero_()
     val = torch.zeros(2, 5, dtype=torch.long)
-    b = BLADE(model, val, gamma=0.5, tau=100, ref_steps=1, ref_lr=1e-300, val_batch_size=2)
+    b = BLADE(model, val, gamma=0.5, tau=100, ref_steps=1, ref_lr=1e-300, val_batch_size=2,
+              ref_warmup_steps=0)
     ids, labels = batch(B=8, T=6, pad=False)
     a = b.select(ids, labels)
     assert torch.equal(b.last_scores, torch.zeros(8))
@@ -84,7 +85,8 @@ def test_exact_ties_are_broken_by_position():
 def test_reference_resyncs_exactly_every_tau_calls(monkeypatch):
     model = TinyLM()
     val, _ = two_domain_data(16)
-    b = BLADE(model, val, gamma=0.5, tau=3, ref_steps=2, ref_lr=0.05, val_batch_size=4)
+    b = BLADE(model, val, gamma=0.5, tau=3, ref_steps=2, ref_lr=0.05, val_batch_size=4,
+              ref_schedule="reset")
     events = []
     real_fit = blade_mod.fit_reference
 
@@ -127,7 +129,7 @@ def test_reference_takes_exactly_K_adamw_steps_on_val_plus_lambda_train(granular
     K, lam = 4, 0.7
     b = BLADE(model, val, gamma=0.5, tau=5, ref_steps=K, lam=lam, ref_lr=0.03,
               ref_weight_decay=0.01, ref_grad_clip=0.5, val_batch_size=4, seed=11,
-              granularity=granularity)
+              granularity=granularity, ref_schedule="reset")
     ids, labels = batch(B=6, T=7)
     b.select(ids, labels)
     # replicate by hand: w = theta, K AdamW steps on L_val(w) + lam * L_train(1, w)
@@ -151,6 +153,103 @@ def test_reference_takes_exactly_K_adamw_steps_on_val_plus_lambda_train(granular
     rows = 6 if granularity == "sequence" else int((labels != -100).any(1).sum())
     assert b.fwdbwd_tokens == K * (4 * 12 + rows * 7)
     assert b.fwd_tokens == 2 * 6 * 7  # theta and w on the candidate batch
+
+
+def _fit_by_hand(w, opt, stream, steps, lam=0.0, train=None, clip=1.0):
+    for _ in range(steps):
+        vi, vl = stream.next()
+        loss = w.loss(vi, vl)
+        if train is not None:
+            ids, labels, a = train
+            kw = {"sample_weight": a.double()} if a.dim() == 1 else {"token_weight": a.double()}
+            keep = a > 0 if a.dim() == 1 else (a > 0).any(1)
+            loss = loss + lam * w.loss(ids[keep], labels[keep],
+                                       **{k: v[keep] for k, v in kw.items()})
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(w.parameters(), clip)
+        opt.step()
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_persistent_reference_is_its_own_warm_started_iterate(granularity, warmup):
+    # "persistent": w is copied from theta once (at the first select, not at construction),
+    # fits K0 steps on L_val alone, then every sync continues from w itself with the AdamW
+    # moments kept; the first sync fits the alpha the warmed-up reference gives (ones when
+    # K0 = 0). Replicated by hand step by step.
+    model = TinyLM()
+    val, _ = two_domain_data(16)
+    K, lam, tau, gamma = 2, 0.5, 2, 0.5
+    b = BLADE(model, val, gamma=gamma, tau=tau, ref_steps=K, lam=lam, ref_lr=0.05,
+              val_batch_size=4, seed=3, granularity=granularity, ref_schedule="persistent",
+              ref_warmup_steps=warmup)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    train_step(model, opt, *batch(B=8, T=7, seed=99), torch.ones(8))  # theta moves first
+    w = TinyLM()
+    w.load_state_dict(model.state_dict())
+    w_opt = torch.optim.AdamW(w.parameters(), lr=0.05, betas=(0.9, 0.95), weight_decay=0.0)
+    stream = ValStream(val, batch_size=4, seed=3)
+    _fit_by_hand(w, w_opt, stream, warmup)
+    for call in range(5):
+        ids, labels = batch(B=8, T=7, seed=call)
+        if call % tau == 0:
+            if call == 0 and warmup == 0:
+                a_fit = (torch.ones(8) if granularity == "sequence"
+                         else (labels != -100).float())
+            else:
+                stale = (true_losses(model, ids, labels, granularity)
+                         - true_losses(w, ids, labels, granularity))
+                a_fit = expected_alpha(stale, labels, gamma, granularity)[0]
+            _fit_by_hand(w, w_opt, stream, K, lam, (ids, labels, a_fit))
+        a = b.select(ids, labels)
+        for p, q in zip(w.parameters(), b.reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        excess = (true_losses(model, ids, labels, granularity)
+                  - true_losses(w, ids, labels, granularity))
+        assert torch.equal(a, expected_alpha(excess, labels, gamma, granularity)[0])
+        train_step(model, opt, ids, labels, a)
+    assert b.syncs == 3 and not b.reset_ref_optimizer
+    assert b.fwdbwd_tokens > 0 and b.val.state_dict() == stream.state_dict()
+
+
+def test_reset_schedule_with_warmup_fits_first_then_resets():
+    # K0 applies once, before the first sync; later syncs of the "reset" schedule still start
+    # from theta, so the warm-up changes only the first interval's reference.
+    model = TinyLM()
+    val, _ = two_domain_data(16)
+    b = BLADE(model, val, gamma=0.5, tau=2, ref_steps=2, ref_lr=0.05, val_batch_size=4,
+              ref_schedule="reset", ref_warmup_steps=4)
+    plain = BLADE(TinyLM(), val, gamma=0.5, tau=2, ref_steps=2, ref_lr=0.05, val_batch_size=4,
+                  ref_schedule="reset")
+    ids, labels = batch(B=8, T=7, seed=0)
+    b.select(ids, labels)
+    plain.select(ids, labels)
+    # K0 val-only steps, then K steps on val + the 4 rows the warmed-up reference keeps
+    # (plain: all 8 rows, alpha = 1)
+    assert plain.fwdbwd_tokens == 2 * (4 * 12 + 8 * 7)
+    assert b.fwdbwd_tokens == 4 * 4 * 12 + 2 * (4 * 12 + 4 * 7)
+    assert not all(torch.equal(p, q) for p, q in zip(b.reference.parameters(),
+                                                     plain.reference.parameters()))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    b.select(*batch(B=8, T=7, seed=1))
+    ids, labels = batch(B=8, T=7, seed=2)
+    stale = (true_losses(model, ids, labels, "sequence")
+             - true_losses(b.reference, ids, labels, "sequence"))
+    b.select(ids, labels)  # a sync: w <- theta, fresh moments, K steps
+    w = TinyLM()
+    w.load_state_dict(model.state_dict())
+    w_opt = torch.optim.AdamW(w.parameters(), lr=0.05, betas=(0.9, 0.95), weight_decay=0.0)
+    stream = ValStream(val, batch_size=4, seed=0)
+    for _ in range(4 + 2):  # the validation batches the warm-up and the first sync drew
+        stream.next()
+    _fit_by_hand(w, w_opt, stream, 2, 1.0,
+                 (ids, labels, expected_alpha(stale, labels, 0.5, "sequence")[0]))
+    for p, q in zip(w.parameters(), b.reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert b.syncs == 2
 
 
 def test_blade_prefers_target_domain_and_refit_tracks_theta():
@@ -234,15 +333,18 @@ def test_padding_and_ignore_index(granularity):
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "token"])
-@pytest.mark.parametrize("reset", [True, False])
-def test_state_dict_round_trip_continues_identically(granularity, reset):
+@pytest.mark.parametrize("reset,schedule,warmup", [(True, "reset", 0), (False, "reset", 0),
+                                                   (None, "persistent", 0),
+                                                   (None, "persistent", 3)])
+def test_state_dict_round_trip_continues_identically(granularity, reset, schedule, warmup):
     val, _ = two_domain_data(12)
     batches = [batch(B=6, T=7, seed=s) for s in range(10)]
 
     def fresh():
         m = TinyLM()
         b = BLADE(m, val, gamma=0.5, tau=3, ref_steps=2, ref_lr=0.05, val_batch_size=5,
-                  granularity=granularity, reset_ref_optimizer=reset)
+                  granularity=granularity, reset_ref_optimizer=reset,
+                  ref_schedule=schedule, ref_warmup_steps=warmup)
         return m, b, torch.optim.AdamW(m.parameters(), lr=0.05)
 
     def run(m, b, opt, bs):
@@ -273,6 +375,13 @@ def test_state_dict_round_trip_continues_identically(granularity, reset):
     bad = BLADE(TinyLM(), val, gamma=0.5, tau=4, granularity=granularity)
     with pytest.raises(ValueError, match="tau"):
         bad.load_state_dict(ckpt["sel"])
+    other = {"reset": "persistent", "persistent": "reset"}[schedule]
+    bad = BLADE(TinyLM(), val, gamma=0.5, tau=3, granularity=granularity, ref_schedule=other)
+    with pytest.raises(ValueError, match="ref_schedule"):
+        bad.load_state_dict(ckpt["sel"])
+    if schedule == "reset":  # a checkpoint from before the option: a "reset" run
+        old = {k: v for k, v in ckpt["sel"].items() if k != "ref_schedule"}
+        b2.load_state_dict(old)
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,6 +393,18 @@ def test_factory_builds_blade():
     val, _ = two_domain_data(4)
     b = build_online_selector("blade", TinyLM(), val, granularity="token", tau=7, gamma=0.3)
     assert isinstance(b, BLADE) and b.tau == 7 and b.granularity == "token" and b.gamma == 0.3
+
+
+def test_schedule_dependent_defaults():
+    # the default is the persistent reference with RHO-LOSS's first fit (docs/blade.md);
+    # "reset" keeps its previous behaviour: no first fit, moments cleared at every sync
+    val, _ = two_domain_data(4)
+    b = BLADE(TinyLM(), val)
+    assert (b.ref_schedule, b.ref_warmup_steps, b.reset_ref_optimizer) == ("persistent", 200,
+                                                                           False)
+    assert b.ref_optimizer.defaults["lr"] == 1e-3
+    r = BLADE(TinyLM(), val, ref_schedule="reset")
+    assert (r.ref_warmup_steps, r.reset_ref_optimizer) == (0, True)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
@@ -298,6 +419,9 @@ def test_factory_builds_blade():
     ({"granularity": "doc"}, ValueError, "granularity"),
     ({"val_batch_size": 0}, ValueError, "val_batch_size"),
     ({"reset_ref_optimizer": 1}, TypeError, "reset_ref_optimizer"),
+    ({"ref_schedule": "warm"}, ValueError, "ref_schedule"),
+    ({"ref_warmup_steps": -1}, ValueError, "ref_warmup_steps"),
+    ({"ref_warmup_steps": 1.5}, TypeError, "ref_warmup_steps"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     val, _ = two_domain_data(4)

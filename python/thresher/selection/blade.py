@@ -1,4 +1,4 @@
-"""BLADE: bi-level adaptive data selection, online (ALGORITHMS.md section 2).
+"""BLADE: bi-level adaptive data selection, online (docs/blade.md).
 
 The bilevel objective is replaced by the penalised single-level one
 ``min_alpha L_val(w) + lam [L_train(alpha, w) - L_train(alpha, theta)]``. ``L_train`` is linear
@@ -6,8 +6,12 @@ in ``alpha``, so its gradient in ``alpha`` is minus the *excess loss*
 ``e_i = l_i(theta) - l_i(w)``, and one memoryless randomised block-coordinate Frank-Wolfe step
 (the candidate batch is the random block, step size 1) is the linear-minimisation oracle over
 ``{alpha in [0,1]^B, sum alpha = gamma B}``: **top-gamma B by e_i**. theta then trains on the
-alpha-weighted loss. The reference ``w`` is *dynamic*: every ``tau`` calls it is re-copied
-from theta and takes ``K = ref_steps`` AdamW steps on ``L_val(w) + lam L_train(alpha, w)``.
+alpha-weighted loss. The reference ``w`` is *dynamic*: every ``tau`` calls it takes
+``K = ref_steps`` AdamW steps on ``L_val(w) + lam L_train(alpha, w)``, starting either from a
+fresh copy of theta (``ref_schedule="reset"``) or from its own previous value
+(``"persistent"``: w is a second lower-level iterate, copied from theta once and optionally
+fitted for ``ref_warmup_steps`` steps on ``L_val`` first). docs/blade.md explains the choice
+and gives the measurements.
 
 Usage (any PyTorch loop; ``model`` has ``thresher.models.GPT``'s ``loss`` API)::
 
@@ -17,7 +21,7 @@ Usage (any PyTorch loop; ``model`` has ``thresher.models.GPT``'s ``loss`` API)::
         model.loss(input_ids, labels, sample_weight=alpha).backward()  # token_weight= at
         opt.step(); opt.zero_grad()                                 # granularity="token"
 
-Choices (ALGORITHMS.md marks the paper's open details; these are ours, all options):
+Choices (details the paper leaves open; these are ours, all options):
 
 * **When the reference syncs.** On calls ``0, tau, 2 tau, ...`` (0-based), *before* scoring
   that call's batch, so the first batch is already scored against a fitted reference.
@@ -27,9 +31,9 @@ Choices (ALGORITHMS.md marks the paper's open details; these are ours, all optio
   the fresh reference and that alpha is returned. Cost of a sync call: ``K`` forward+backward
   passes on a validation batch and the candidate batch, plus one extra no-grad forward.
 * **Reference optimizer.** AdamW (``ref_lr``, ``ref_betas``, ``ref_weight_decay``, gradient
-  clipping ``ref_grad_clip``); its moments are reset at every sync by default
-  (``reset_ref_optimizer``) because ``w`` jumps to theta and old moments describe a
-  different point.
+  clipping ``ref_grad_clip``); with ``"reset"`` its moments are cleared at every sync by
+  default (``reset_ref_optimizer``) because ``w`` jumps to theta and old moments describe a
+  different point; with ``"persistent"`` they are kept, since ``w`` continues where it was.
 * ``lam`` weighs the training term; ``lam = 0`` gives a reference fine-tuned on the target
   only (a dynamic RHO-LOSS).
 
@@ -45,6 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from thresher.ops._validate import check_choice
+
 from .online import (
     IGNORE_INDEX,
     OnlineSelector,
@@ -55,32 +61,49 @@ from .online import (
     make_reference,
 )
 
-__all__ = ["BLADE"]
+__all__ = ["BLADE", "REF_SCHEDULES"]
+
+
+REF_SCHEDULES = ("reset", "persistent")
 
 
 class BLADE(OnlineSelector):
-    """Online BLADE selector (see the module docstring).
+    """Online BLADE selector (see the module docstring and docs/blade.md).
 
     Parameters: ``model`` (theta, trained by the caller), ``val_data`` (target-distribution
     samples: ``thresher.data.Samples``, a (N, T) LongTensor or ``(input_ids, labels)``),
     ``gamma`` kept fraction in (0, 1], ``tau`` calls between reference syncs (>= 1),
     ``ref_steps`` K (>= 1), ``lam`` >= 0, ``granularity`` "sequence" | "token",
+    ``ref_schedule`` "persistent" (default: ``w`` copied from theta once, then warm-started
+    from its own previous value) | "reset" (``w <- theta`` at every sync, the schedule before
+    issue 16), ``ref_warmup_steps`` K0 >= 0 (steps on ``L_val`` alone before the first sync,
+    as RHO-LOSS fits its reference; default 200 for "persistent", 0 for "reset"),
+    ``reset_ref_optimizer`` (default: True for "reset", False for "persistent"),
     ``val_batch_size``, ``seed`` (the validation batch order)."""
 
     name = "blade"
 
     def __init__(self, model: nn.Module, val_data, *, gamma: float = 0.6, tau: int = 400,
                  ref_steps: int = 75, lam: float = 1.0, granularity: str = "sequence",
-                 ref_lr: float = 3e-4, ref_betas: tuple[float, float] = (0.9, 0.95),
+                 ref_schedule: str = "persistent", ref_warmup_steps: int | None = None,
+                 ref_lr: float = 1e-3, ref_betas: tuple[float, float] = (0.9, 0.95),
                  ref_weight_decay: float = 0.0, ref_grad_clip: float = 1.0,
-                 reset_ref_optimizer: bool = True, val_batch_size: int = 16, seed: int = 0):
+                 reset_ref_optimizer: bool | None = None, val_batch_size: int = 16,
+                 seed: int = 0):
         super().__init__(model, gamma=gamma, granularity=granularity)
         self.tau = check_int("tau", tau, 1)
         self.ref_steps = check_int("ref_steps", ref_steps, 1)
         self.lam = check_positive("lam", lam, allow_zero=True)
         self.ref_grad_clip = check_positive("ref_grad_clip", ref_grad_clip, allow_zero=True)
+        check_choice("ref_schedule", ref_schedule, REF_SCHEDULES)
+        self.ref_schedule = ref_schedule
+        if ref_warmup_steps is None:  # RHO-LOSS's default reference fit (200 steps at 1e-3)
+            ref_warmup_steps = 200 if ref_schedule == "persistent" else 0
+        self.ref_warmup_steps = check_int("ref_warmup_steps", ref_warmup_steps, 0)
+        if reset_ref_optimizer is None:
+            reset_ref_optimizer = ref_schedule == "reset"
         if not isinstance(reset_ref_optimizer, bool):
-            raise TypeError(f"reset_ref_optimizer must be a bool, got "
+            raise TypeError(f"reset_ref_optimizer must be a bool or None, got "
                             f"{type(reset_ref_optimizer).__name__}")
         self.reset_ref_optimizer = reset_ref_optimizer
         self.val = ValStream(val_data, val_batch_size, seed)
@@ -91,11 +114,24 @@ class BLADE(OnlineSelector):
         self.syncs = 0            # reference re-synchronisations so far
         self.last_sync_call = -1  # 0-based call index of the latest sync
 
-    def sync_reference(self, input_ids: Tensor, labels: Tensor, alpha: Tensor) -> None:
-        """``w <- theta``, then ``ref_steps`` AdamW steps on ``L_val(w) + lam L_train(alpha, w)``
-        with ``L_train`` the alpha-weighted loss of this candidate batch."""
+    def _start_reference(self) -> None:
+        """Before the first sync: ``w <- theta`` (theta may have changed since construction),
+        fresh moments, then ``ref_warmup_steps`` steps on ``L_val`` alone."""
         with torch.no_grad():
             self.reference.load_state_dict(self.model.state_dict())
+        self.ref_optimizer.state.clear()
+        if self.ref_warmup_steps:
+            self.fwdbwd_tokens += fit_reference(
+                self.reference, self.ref_optimizer, self.ref_warmup_steps, self.val,
+                grad_clip=self.ref_grad_clip)
+
+    def sync_reference(self, input_ids: Tensor, labels: Tensor, alpha: Tensor) -> None:
+        """``ref_steps`` AdamW steps on ``L_val(w) + lam L_train(alpha, w)`` with ``L_train``
+        the alpha-weighted loss of this candidate batch, starting from ``w <- theta``
+        ("reset") or from the current ``w`` ("persistent", after the first sync)."""
+        if self.ref_schedule == "reset" and self.syncs > 0:
+            with torch.no_grad():
+                self.reference.load_state_dict(self.model.state_dict())
         if self.reset_ref_optimizer:
             self.ref_optimizer.state.clear()
         self.fwdbwd_tokens += fit_reference(
@@ -108,6 +144,8 @@ class BLADE(OnlineSelector):
         loss_theta = self._losses(self.model, input_ids, labels)
         if self.calls % self.tau == 0:
             if self.syncs == 0:
+                self._start_reference()
+            if self.syncs == 0 and not self.ref_warmup_steps:
                 # no reference yet: L_train is the plain loss of the candidate batch
                 if self.granularity == "sequence":
                     alpha = loss_theta.new_ones(labels.size(0))
@@ -120,7 +158,8 @@ class BLADE(OnlineSelector):
         return loss_theta - self._losses(self.reference, input_ids, labels)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "tau": self.tau, "syncs": self.syncs,
+        return {**super().state_dict(), "tau": self.tau, "ref_schedule": self.ref_schedule,
+                "syncs": self.syncs,
                 "last_sync_call": self.last_sync_call,
                 "reference": self.reference.state_dict(),
                 "ref_optimizer": self.ref_optimizer.state_dict(),
@@ -130,6 +169,11 @@ class BLADE(OnlineSelector):
         super().load_state_dict(state)
         if int(state["tau"]) != self.tau:
             raise ValueError(f"state has tau={state['tau']} but this selector has tau={self.tau}")
+        # checkpoints from before the option are "reset" runs
+        schedule = state.get("ref_schedule", "reset")
+        if schedule != self.ref_schedule:
+            raise ValueError(f"state has ref_schedule={schedule!r} but this selector has "
+                             f"ref_schedule={self.ref_schedule!r}")
         self.syncs = int(state["syncs"])
         self.last_sync_call = int(state["last_sync_call"])
         self.reference.load_state_dict(state["reference"])

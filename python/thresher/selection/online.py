@@ -30,7 +30,8 @@ Selectors here (``build_online_selector`` names):
   reference ``w`` trained once on the target/validation data (sequence level);
 * ``"rho1"``     -- RHO-1: the same static excess loss per token (token level);
 * ``"blade"``    -- BLADE (``thresher.selection.blade``): the excess loss against a *dynamic*
-  reference re-synchronised from ``theta`` every ``tau`` calls (ALGORITHMS.md section 2).
+  reference updated every ``tau`` calls (re-copied from ``theta``, or its own warm-started
+  iterate; docs/blade.md).
 
 Scores come from one no-grad forward per model (``reduction="sample"`` for sequences,
 ``reduction="none"`` for tokens): no Python loop over samples. Each selector counts the
