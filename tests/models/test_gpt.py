@@ -187,3 +187,29 @@ def test_hf_adapter_matches_hf_loss(tmp_path):
                                    (tok * mask).sum(1) / mask.sum(1), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="path"):
         load_hf_causal_lm(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_hf_adapter_reproduces_final_logit_post_processing(tmp_path, family):
+    # Gemma 2 soft-caps the logits, Cohere scales them: the adapter's fused loss (what
+    # `thresher score --model DIR` scores with) must match the model's own loss, which a
+    # plain head + cross-entropy does not (checked below, so the case can fail).
+    transformers = pytest.importorskip("transformers", reason="the HF adapter needs transformers")
+    common = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    if family == "gemma2":
+        cfg = transformers.Gemma2Config(head_dim=8, final_logit_softcapping=0.05, **common)
+        cls = transformers.Gemma2ForCausalLM
+    else:
+        cfg = transformers.CohereConfig(logit_scale=0.25, **common)
+        cls = transformers.CohereForCausalLM
+    torch.manual_seed(0)
+    cls(cfg).save_pretrained(tmp_path)
+    m = load_hf_causal_lm(tmp_path)
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        hf_loss = m.hf(input_ids=ids, labels=ids).loss
+        torch.testing.assert_close(m.loss(ids), hf_loss, rtol=1e-5, atol=1e-6)
+        plain = F.cross_entropy(F.linear(m(ids)[:, :-1], m.lm_weight).reshape(-1, V),
+                                ids[:, 1:].reshape(-1))
+        assert (plain - hf_loss).abs() > 100 * (1e-6 + 1e-5 * hf_loss.abs())

@@ -130,8 +130,15 @@ class CausalLMLoss:
                                  f"got {tuple(token_weight.shape)}")
         with _math_attention() if backend == "torch" else contextlib.nullcontext():
             hidden = self(input_ids)[:, :-1]
+        # final-logit post-processing of the model family (HF models: logit scale, soft-cap);
+        # a scale folds into hidden and bias: scale * (h W^T + b) = (scale h) W^T + scale b
+        scale, softcap = getattr(self, "logit_transform", (1.0, None))
+        bias = self.lm_bias
+        if scale != 1.0:
+            hidden = hidden * scale
+            bias = None if bias is None else bias * scale
         return linear_weighted_cross_entropy(
-            hidden, self.lm_weight, target.contiguous(), bias=self.lm_bias,
+            hidden, self.lm_weight, target.contiguous(), bias=bias, softcap=softcap,
             sample_weight=sample_weight,
             token_weight=None if token_weight is None else token_weight.contiguous(),
             reduction=reduction, backend=backend)
@@ -312,9 +319,9 @@ class ScoreModel(nn.Module):
 
 class HFCausalLM(CausalLMLoss, nn.Module):
     """Wraps a ``transformers`` causal LM: ``forward`` returns the base model's last hidden
-    state (after its final norm), the LM head is the model's output embedding. Models that
-    post-process logits (soft-capping, logit scale) are not reproduced by the fused loss.
-    No attention mask is passed: padding sits only at the tail of a sample (``pack``), and
+    state (after its final norm), the LM head is the model's output embedding; the family's
+    final-logit post-processing (Gemma's soft-cap, Cohere/Granite logit scaling) is read from
+    the config as ``thresher.integrations.apply_thresher`` does. No attention mask is passed: padding sits only at the tail of a sample (``pack``), and
     causal attention keeps it from affecting real tokens."""
 
     def __init__(self, hf_model):
@@ -324,6 +331,9 @@ class HFCausalLM(CausalLMLoss, nn.Module):
         if head is None:
             raise ValueError("hf_model has no output embeddings: not a causal LM")
         self._head = head
+        from thresher.integrations.transformers import logit_transform
+
+        self.logit_transform = logit_transform(hf_model.config)
 
     @property
     def config(self):

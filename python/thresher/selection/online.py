@@ -1,6 +1,6 @@
 """Online batch selection: the selectors that run *inside* the training loop.
 
-Every selector has one interface (INTERFACES.md, "Online selection")::
+Every selector has one interface (docs/interfaces.md, "Online selection")::
 
     selector = build_online_selector(name, model, val_samples, **opts)
     for input_ids, labels in candidate_batches:           # (B, T) each
