@@ -42,6 +42,29 @@ def test_help_and_argument_errors_do_not_import_torch(module, argv):
         assert "usage: thresher" in err
 
 
+@pytest.mark.parametrize("command", ["score", "select", "train", "demo"])
+def test_subcommand_help_does_not_import_torch(command):
+    # the subcommand's module is imported for its arguments; its package must not pull in
+    # torch (thresher.selection / .data / .optim export their names lazily)
+    out, err, imported = _probe("thresher", ["thresher", command, "--help"])
+    assert "torch" not in imported.split(","), f"{command} --help imported {imported}"
+    assert f"usage: thresher {command}" in out
+
+
+def test_subpackages_export_their_names_on_first_use():
+    code = ("import sys, thresher.selection as s, thresher.data as d, thresher.optim as o;"
+            "assert 'torch' not in sys.modules;"
+            "assert s.build_scorer.__module__ == 'thresher.selection.base';"
+            "assert o.LoRDO.__module__ == 'thresher.optim.lordo';"
+            "assert d.pack.__module__ == 'thresher.data.packing';"
+            "assert set(s.__all__) <= set(dir(s)) and set(o.__all__) <= set(dir(o));"
+            "import pytest\n"
+            "try:\n    s.no_such_name\nexcept AttributeError as e:\n    print('OK', e)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout and "no_such_name" in proc.stdout
+
+
 def test_import_thresher_is_lazy_and_exports_the_readme_names():
     code = ("import sys, thresher; assert 'torch' not in sys.modules, 'import thresher imported torch';"
             "from thresher import BackendUnavailableError, weighted_cross_entropy, native_status;"

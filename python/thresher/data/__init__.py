@@ -9,19 +9,27 @@
 * :func:`embedded_corpus`: the default corpus built from the running Python's docs and
   source plus labelled corrupted documents, with a held-out target split.
 """
-from .documents import (
-    FORMATS,
-    Document,
-    count_documents,
-    detect_format,
-    read_documents,
-    resolve_split,
-    write_documents,
-    write_selected,
-)
-from .embedded import CORRUPTION_KINDS, EMBEDDED_SIZES, Corpus, embedded_corpus
-from .packing import Samples, pack
-from .tokenizer import Tokenizer, load_tokenizer
+from thresher._lazy import lazy_exports
+
+# public name -> the submodule that defines it (imported on first use: no torch at import)
+_EXPORTS = {
+    'FORMATS': 'documents',
+    'Document': 'documents',
+    'count_documents': 'documents',
+    'detect_format': 'documents',
+    'read_documents': 'documents',
+    'resolve_split': 'documents',
+    'write_documents': 'documents',
+    'write_selected': 'documents',
+    'CORRUPTION_KINDS': 'embedded',
+    'EMBEDDED_SIZES': 'embedded',
+    'Corpus': 'embedded',
+    'embedded_corpus': 'embedded',
+    'Samples': 'packing',
+    'pack': 'packing',
+    'Tokenizer': 'tokenizer',
+    'load_tokenizer': 'tokenizer',
+}
 
 __all__ = [
     "FORMATS",
@@ -41,3 +49,4 @@ __all__ = [
     "Tokenizer",
     "load_tokenizer",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,9 +1,17 @@
 """thresher.optim: LowRankAdam, LoRDO and the distributed baselines (DDPAdamW, LowRankDDP, DiLoCo, SparseLoCo)."""
-from ._dist import CollectiveError
-from .ddp import DDPAdamW, LowRankDDP
-from .diloco import DiLoCo, SparseLoCo
-from .lordo import LoRDO
-from .lowrank_adam import LowRankAdam
+from thresher._lazy import lazy_exports
+
+# public name -> the submodule that defines it (imported on first use: no torch at import)
+_EXPORTS = {
+    'CollectiveError': '_dist',
+    'DDPAdamW': 'ddp',
+    'LowRankDDP': 'ddp',
+    'DiLoCo': 'diloco',
+    'SparseLoCo': 'diloco',
+    'LoRDO': 'lordo',
+    'LowRankAdam': 'lowrank_adam',
+}
 
 __all__ = ["LowRankAdam", "LoRDO", "DDPAdamW", "LowRankDDP", "DiLoCo", "SparseLoCo",
            "CollectiveError"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,18 +4,28 @@ Offline: ``build_scorer(method, vocab_size=..., **options).fit(pool, target).sco
 (methods: ``available_methods()``), then a strategy (``select_topk``, ``select_gumbel``,
 ``select_threshold``). Online (per training batch): ``build_online_selector``.
 """
-from .base import Scorer, available_methods, build_scorer, register_scorer
-from .baselines import (
-    ColorFilterScorer,
-    ExcessLossScorer,
-    LossScorer,
-    MiniPLMScorer,
-    QuRatingScorer,
-    RandomScorer,
-)
-from .bliss import BlissConfig, BlissScorer, bliss_hypergradient
-from .online import build_online_selector
-from .strategies import select_gumbel, select_threshold, select_topk
+from thresher._lazy import lazy_exports
+
+# public name -> the submodule that defines it (imported on first use: no torch at import)
+_EXPORTS = {
+    'Scorer': 'base',
+    'available_methods': 'base',
+    'build_scorer': 'base',
+    'register_scorer': 'base',
+    'ColorFilterScorer': 'baselines',
+    'ExcessLossScorer': 'baselines',
+    'LossScorer': 'baselines',
+    'MiniPLMScorer': 'baselines',
+    'QuRatingScorer': 'baselines',
+    'RandomScorer': 'baselines',
+    'BlissConfig': 'bliss',
+    'BlissScorer': 'bliss',
+    'bliss_hypergradient': 'bliss',
+    'build_online_selector': 'online',
+    'select_gumbel': 'strategies',
+    'select_threshold': 'strategies',
+    'select_topk': 'strategies',
+}
 
 __all__ = [
     "Scorer",
@@ -36,3 +46,4 @@ __all__ = [
     "select_gumbel",
     "select_threshold",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
