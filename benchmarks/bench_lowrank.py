@@ -81,9 +81,6 @@ SHAPES = ((1024, 1024), (2048, 5632), (4096, 4096))
 RANKS = (64, 128, 256)
 GAP = 200
 HEADLINE = ((2048, 5632), 256)
-# Until benchmarks/_common.py has device_peaks (the GPU benchmarks' branch adds it): the
-# datasheet figures the issue names, (name, HBM bytes/s, dense bf16 FLOP/s).
-_FALLBACK_PEAKS = (("H200", 4.8e12, 990e12), ("H100", 3.35e12, 990e12))
 
 
 def parse_args(argv):
@@ -114,15 +111,9 @@ def device_peaks(device: torch.device) -> dict:
         return {"name": C._cpu_model(), "bytes_per_s": None, "flop_per_s": None,
                 "source": "none on the CPU (achieved rates only)"}
     name = torch.cuda.get_device_name(device)
-    if hasattr(C, "device_peaks"):
-        pk = C.device_peaks(name)
-        return {"name": name, "bytes_per_s": pk["hbm_bytes_per_s"],
-                "flop_per_s": pk["bf16_flop_per_s"], "source": pk["source"]}
-    for key, bw, fl in _FALLBACK_PEAKS:
-        if key.lower() in name.lower():
-            return {"name": name, "bytes_per_s": bw, "flop_per_s": fl, "source": f"{key} datasheet"}
-    return {"name": name, "bytes_per_s": None, "flop_per_s": None,
-            "source": f"no datasheet peak for {name!r}"}
+    pk = C.device_peaks(name)  # the one table of datasheet peaks (benchmarks/_common.py)
+    return {"name": name, "bytes_per_s": pk["hbm_bytes_per_s"],
+            "flop_per_s": pk["bf16_flop_per_s"], "source": pk["source"]}
 
 
 def synthetic_gradient(p, q, alpha, seed, noise=0.01, base=None, device="cpu"):
