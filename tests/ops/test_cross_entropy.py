@@ -588,7 +588,7 @@ X, T = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
         (dict(z_loss=float("inf")), ValueError, "z_loss must be finite"),
         (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must be in"),
         (dict(logits=X.to("meta"), target=T.to("meta")), ValueError,
-         "logits is a meta tensor: weighted_cross_entropy needs tensors with data"),
+         "logits is a meta tensor"),
         (dict(softcap="30"), TypeError, "softcap must be a number"),
         (dict(overwrite_logits=True, reduction="sample"), ValueError,
          "overwrite_logits=True needs reduction 'sum' or 'mean'"),
@@ -1231,3 +1231,16 @@ def test_softcap_with_ignore_index_and_smoothing_like_peers(backend, reduction, 
     (ga,) = torch.autograd.grad(got, xs, u.float())
     (gb,) = torch.autograd.grad(want, x64, u)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=1e-7)
+
+
+def test_one_ignore_index_constant_is_every_default():
+    # ops, models, selectors and the packer all use thresher.ops.IGNORE_INDEX (-100, as
+    # F.cross_entropy and HF), so a sample padded by `pack` is ignored by every loss
+    import inspect
+
+    from thresher.ops import IGNORE_INDEX, WeightedCrossEntropyLoss
+
+    assert IGNORE_INDEX == -100
+    for fn in (thresher.weighted_cross_entropy, thresher.linear_weighted_cross_entropy,
+               WeightedCrossEntropyLoss.__init__):
+        assert inspect.signature(fn).parameters["ignore_index"].default == IGNORE_INDEX

@@ -25,6 +25,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from thresher.ops._validate import IGNORE_INDEX
+
 from .atomic import save_json, save_npy
 from .documents import Document
 
@@ -62,7 +64,7 @@ class Samples:
         self.doc_index = np.asarray(doc_index, dtype=np.int64).reshape(-1)
         self.offset = np.asarray(offset, dtype=np.int64).reshape(-1)
         if lengths is None:
-            lengths = (self.labels != -100).sum(dim=1).numpy()
+            lengths = (self.labels != IGNORE_INDEX).sum(dim=1).numpy()
         self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
         for name, a in (("doc_index", self.doc_index), ("offset", self.offset), ("lengths", self.lengths)):
             if a.shape != (n,):
@@ -286,7 +288,7 @@ def _pack_into(sink, docs, tokenizer, L, batch_size, min_tokens, progress, desc)
         block[r, pos_in_doc % L] = flat[keep]
         row_len = np.bincount(r, minlength=R).astype(np.int64)
         lab = block.copy()
-        lab[np.arange(L)[None, :] >= row_len[:, None]] = -100
+        lab[np.arange(L)[None, :] >= row_len[:, None]] = IGNORE_INDEX
         sample_doc = np.repeat(np.arange(len(batch)), chunks)
         sink.add(input_ids=block, labels=lab, doc_index=np.asarray(ids, dtype=np.int64)[sample_doc],
                  offset=(np.arange(R) - row_start[sample_doc]) * L, lengths=row_len)

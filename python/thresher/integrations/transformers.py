@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from thresher.ops import linear_weighted_cross_entropy
-from thresher.ops._validate import check_choice, check_tensor
+from thresher.ops._validate import IGNORE_INDEX, check_choice, check_tensor
 
 __all__ = [
     "LOSS_REDUCTIONS",
@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 LOSS_REDUCTIONS = ("mean", "sum", "sample", "none")
-IGNORE_INDEX = -100
 # Probe values returned by the tapped head: spread over the range where soft-capping (Gemma's
 # cap is 30) and scaling are both visible, so a wrong transform cannot pass the check.
 _PROBE = (-55.0, -12.0, -1.5, 0.0, 0.75, 6.0, 24.0, 70.0)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from thresher.ops import linear_weighted_cross_entropy
-from thresher.ops._validate import check_choice, check_tensor
+from thresher.ops._validate import IGNORE_INDEX, check_choice, check_tensor
 
 __all__ = [
     "GPTConfig",
@@ -304,7 +304,7 @@ class ScoreModel(nn.Module):
         if labels is None:
             pooled = h.mean(1)
         else:
-            m = (labels != -100).to(h.dtype)[..., None]
+            m = (labels != IGNORE_INDEX).to(h.dtype)[..., None]
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         return self.head(pooled).squeeze(-1)
 

@@ -1,6 +1,7 @@
 """thresher.ops: validated, dispatched, differentiable kernels (one file per op family)."""
 from ._dispatch import BACKEND_NAMES, BackendUnavailableError
 from ._native import native_status
+from ._validate import IGNORE_INDEX
 from .compress import (
     dequantize_blockwise,
     quant_nbytes,
@@ -22,6 +23,7 @@ __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailableError",
     "native_status",
+    "IGNORE_INDEX",
     # cross_entropy
     "weighted_cross_entropy",
     "linear_weighted_cross_entropy",

@@ -7,6 +7,10 @@ from typing import Iterable, Sequence
 
 import torch
 
+#: The label the losses skip (PyTorch's and HF's convention): every op, model, selector
+#: and the packer use this one constant.
+IGNORE_INDEX = -100
+
 
 def _dt(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
@@ -79,14 +83,6 @@ def check_range(name: str, value: float, lo: float, hi: float, *, finite: bool =
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-def check_not_meta(name: str, t: torch.Tensor, op: str) -> None:
-    """Kernels and value checks need data: a meta tensor gets a clear error, not an internal
-    one (shape propagation without data is what torch.compile's fake tensors are for)."""
-    if t.device.type == "meta":
-        raise ValueError(f"{name} is a meta tensor: {op} needs tensors with data (for shapes "
-                         "only, trace it with torch.compile, whose fake tensors it supports)")
-
-
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     """2-D view whose last dim is contiguous (kernels take a row stride); copies only when
     the last dim is strided."""
@@ -114,4 +110,6 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
     checks, the step count, the kernels' pointers), which a meta tensor does not have."""
     if t.is_meta:
         raise ValueError(f"{name} is a meta tensor (no data): move it to a CPU or CUDA "
-                         "device first, e.g. module.to_empty(device=...) and initialise it")
+                         "device first, e.g. module.to_empty(device=...) and initialise it "
+                         "(for shapes only, trace with torch.compile, whose fake tensors the "
+                         "ops support)")

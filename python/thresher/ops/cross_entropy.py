@@ -76,8 +76,9 @@ from ._dispatch import (
     triton_module,
 )
 from ._validate import (
+    IGNORE_INDEX,
     check_choice,
-    check_not_meta,
+    check_has_data,
     check_range,
     check_tensor,
     check_weights,
@@ -734,7 +735,7 @@ def weighted_cross_entropy(
     *,
     sample_weight: Tensor | None = None,
     token_weight: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -752,7 +753,7 @@ def weighted_cross_entropy(
     ``weight``: class weights ``(V,)`` as ``F.cross_entropy``'s (see _class_weight)."""
     _check_flag("return_lse", return_lse)
     check_tensor("logits", logits, ndim=(2, 3), dtypes=FLOAT_DTYPES)
-    check_not_meta("logits", logits, "weighted_cross_entropy")
+    check_has_data("logits", logits)
     vocab = logits.size(-1)
     _check_common(target, tuple(logits.shape[:-1]), logits.device, vocab, sample_weight,
                   token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
@@ -789,7 +790,7 @@ def linear_weighted_cross_entropy(
     bias: Tensor | None = None,
     sample_weight: Tensor | None = None,
     token_weight: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -807,7 +808,7 @@ def linear_weighted_cross_entropy(
     ``return_lse`` too."""
     _check_flag("return_lse", return_lse)
     check_tensor("hidden", hidden, ndim=(2, 3), dtypes=FLOAT_DTYPES)
-    check_not_meta("hidden", hidden, "linear_weighted_cross_entropy")
+    check_has_data("hidden", hidden)
     H = hidden.size(-1)
     check_tensor("lm_weight", lm_weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device,
                  shape=(None, H))
@@ -856,7 +857,7 @@ def linear_weighted_cross_entropy(
 class WeightedCrossEntropyLoss(torch.nn.Module):
     """Module form of :func:`weighted_cross_entropy` (configuration only, no parameters)."""
 
-    def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+    def __init__(self, *, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                  softcap=None, weight=None, overwrite_logits=False, backend="auto"):
         super().__init__()
         self.register_buffer("weight", weight)  # class weights: moved by .to(device)
@@ -883,7 +884,7 @@ class LinearWeightedCrossEntropyLoss(torch.nn.Module):
     """Module form of :func:`linear_weighted_cross_entropy`; takes the LM head's weight
     (and bias) at call time so it can sit behind any model's final hidden states."""
 
-    def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+    def __init__(self, *, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                  softcap=None, weight=None, chunk_size=None, backend="auto"):
         super().__init__()
         self.register_buffer("weight", weight)

@@ -302,6 +302,8 @@ def train_rank(args, rank: int, world: int) -> dict:
     from thresher.data import Samples
     from thresher.models.gpt import GPT, GPTConfig
 
+    from thresher.ops._validate import IGNORE_INDEX
+
     from ._dist import all_reduce_mean_, atomic_save, resolve_group, rng_state, set_rng_state
 
     # ranks share the machine's cores: N ranks x default threads oversubscribes it (and
@@ -367,7 +369,7 @@ def train_rank(args, rank: int, world: int) -> dict:
         for s in range(0, len(val_idx), args.batch_size):
             idx = val_idx[s:s + args.batch_size]
             ids, lab = val.input_ids[idx].to(device), val.labels[idx].to(device)
-            n = float((lab[:, 1:] != -100).sum())
+            n = float((lab[:, 1:] != IGNORE_INDEX).sum())
             tot += float(model.loss(ids, lab, reduction="sum"))
             cnt += n
         model.train()
@@ -405,7 +407,7 @@ def train_rank(args, rank: int, world: int) -> dict:
         opt.step()
         if selector is not None and hasattr(selector, "on_step"):
             selector.on_step()
-        ntok = int((lab[:, 1:] != -100).sum()) * world  # every rank's batch has this shape
+        ntok = int((lab[:, 1:] != IGNORE_INDEX).sum()) * world  # every rank's batch has this shape
         tokens += ntok
         window_loss += float(loss.detach())
         window_n += 1

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from thresher.models.gpt import ScoreModel
+from thresher.ops._validate import IGNORE_INDEX
 
 from .base import Scorer, check_samples, load_checkpoint, make_adamw, make_lm, register_scorer, \
     save_checkpoint, train_lm
@@ -236,7 +237,7 @@ class _SampleLoss(nn.Module):
 
 
 def _ntok(labels):
-    return (labels[:, 1:] != -100).sum(1).clamp_min(1).to(torch.float32)
+    return (labels[:, 1:] != IGNORE_INDEX).sum(1).clamp_min(1).to(torch.float32)
 
 
 @register_scorer("bliss")
@@ -338,7 +339,7 @@ class BlissScorer(Scorer):
 
         with _math_attention():
             pl = torch.nn.functional.linear(lm(ids), lm.lm_weight, lm.lm_bias)
-        return kl_to_target(pl, tl, labels != -100)
+        return kl_to_target(pl, tl, labels != IGNORE_INDEX)
 
     def _weights(self, ids, labels, grad=False):
         with torch.set_grad_enabled(grad):

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from thresher.ops._validate import check_choice, check_tensor
+from thresher.ops._validate import IGNORE_INDEX, check_choice, check_tensor
 
 __all__ = [
     "GRANULARITIES",
@@ -69,7 +69,6 @@ __all__ = [
 
 GRANULARITIES = ("sequence", "token")
 ONLINE_SELECTORS = ("blade", "rho", "rho1", "random", "highloss")
-IGNORE_INDEX = -100  # the models' loss ignores this label (GPT.loss, HF convention)
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
