@@ -131,7 +131,7 @@ def powersgd_hook_times(n, repeats, device, rank=4):
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
-    from thresher.optim._dist import free_port
+    from thresher.comm.collectives import free_port
 
     device = torch.device(device)
     side, cols, _ = powersgd_state(n, rank)

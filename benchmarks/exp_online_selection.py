@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from thresher.data import Document, embedded_corpus, load_tokenizer, pack, read_documents  # noqa: E402
-from thresher.data.atomic import save_json  # noqa: E402
+from thresher.core.files import save_json  # noqa: E402
 from thresher.data.embedded import CORRUPTION_KINDS, _corrupt  # noqa: E402  (one corruptor)
 from thresher.models.gpt import GPT, GPTConfig  # noqa: E402
 from thresher.selection.online import build_online_selector  # noqa: E402

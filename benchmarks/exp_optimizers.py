@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         args.steps, args.seeds = 64, [0]
     corpus, val = (args.corpus, args.val_corpus) if args.corpus else default_corpus()
     os.makedirs(args.out, exist_ok=True)
-    from thresher.optim import train_cmd
+    from thresher.cli import train as train_cmd
 
     common = ["--corpus", corpus, "--steps", str(args.steps), "--lr", str(args.lr),
               "--rank", str(args.rank), "--model", args.model, "--d-model", str(args.d_model),

@@ -89,7 +89,7 @@ def cmd_lordo_smoke(out: Path, device: str, steps: int = 24) -> int:
     import torch.distributed as dist
 
     from thresher.optim import LoRDO
-    from thresher.optim._dist import free_port
+    from thresher.comm.collectives import free_port
 
     dev = torch.device(device)
     backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -119,3 +119,14 @@ def backend_case(request) -> Case:
         unavailable(f"{dispatch.op}: backend '{c.backend}' cannot run here: "
                     + "; ".join(reasons))
     return c
+
+
+@pytest.fixture
+def one_thread():
+    """These tests run tiny models: on a shared, loaded CI machine two OpenMP threads spend
+    most of their time in barriers (measured 20x slower per step than one thread here).
+    Restored afterwards, so other test folders keep torch's default."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,7 +12,7 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-_SUBPACKAGES = ("comm", "data", "models", "optim", "selection", "ops")
+_SUBPACKAGES = ("comm", "core", "data", "integrations", "jobs", "models", "ops", "optim", "selection")
 _FROM_OPS = (
     "BackendUnavailableError",
     "LinearWeightedCrossEntropyLoss",

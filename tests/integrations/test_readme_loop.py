@@ -22,7 +22,7 @@ def _loop_block() -> str:
 
 
 def test_readme_torchrun_loop_two_ranks(tmp_path):
-    from thresher.optim._dist import free_port
+    from thresher.comm.collectives import free_port
 
     script = tmp_path / "loop.py"
     script.write_text(_loop_block() + (

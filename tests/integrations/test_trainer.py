@@ -33,7 +33,7 @@ def _launch(out, steps, *extra, procs=1, port=0):
 
 
 def _free_port():
-    from thresher.optim._dist import free_port
+    from thresher.comm.collectives import free_port
 
     return free_port()
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from thresher.optim._dist import free_port
+from thresher.comm.collectives import free_port
 
 # ----------------------------------------------------------------------------------------
 # Model and data
@@ -236,7 +236,8 @@ def w_checkpoint(rank, world, method, kw, k, path, phase):
     a checkpoint. "resume": load it (weights_only) and run steps k+1..2k. The data come from
     the global RNG, so the checkpoint must carry the RNG state too. Returns the final flat
     parameters and comm_bytes."""
-    from thresher.optim._dist import atomic_save, rng_state, set_rng_state
+    from thresher.core.files import atomic_save
+    from thresher.core.rng import rng_state, set_rng_state
 
     def fresh():
         torch.manual_seed(100 + rank)

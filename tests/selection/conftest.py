@@ -48,11 +48,6 @@ def synthetic():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run tiny models: on a shared, loaded CI machine two OpenMP threads spend
-    most of their time in barriers (measured 20x slower per step than one thread here).
-    Restored afterwards, so other test folders keep torch's default."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_models_one_thread(one_thread):
+    """One OpenMP thread for these tiny models (tests/conftest.py says why)."""
     yield
-    torch.set_num_threads(n)

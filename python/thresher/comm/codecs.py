@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from thresher.ops import compress as _cops
-from thresher.ops._validate import check_choice, check_tensor
-from thresher.ops._validate import check_has_data
+from thresher.core.checks import check_choice, check_tensor
+from thresher.core.checks import check_has_data
 
 __all__ = ["Packed", "Codec", "TopKCodec", "QuantCodec", "LowRankCodec"]
 

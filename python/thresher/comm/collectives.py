@@ -254,3 +254,12 @@ def sparse_all_gather_mean(packed: Packed, group=None, out: Tensor | None = None
         raise ValueError(f"out must have {n} elements, got {out.numel()}")
     out.add_(mean.view(out.shape).to(out.dtype))
     return out
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for local process groups)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

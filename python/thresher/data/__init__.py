@@ -9,7 +9,7 @@
 * :func:`embedded_corpus`: the default corpus built from the running Python's docs and
   source plus labelled corrupted documents, with a held-out target split.
 """
-from thresher._lazy import lazy_exports
+from thresher.core.lazy import lazy_exports
 
 # public name -> the submodule that defines it (imported on first use: no torch at import)
 _EXPORTS = {

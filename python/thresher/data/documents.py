@@ -50,7 +50,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .atomic import atomic_open, atomic_tmp_path, commit
+from thresher.core.files import atomic_open, atomic_tmp_path, commit
 
 __all__ = [
     "Document",

@@ -25,9 +25,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from thresher.ops._validate import IGNORE_INDEX
+from thresher.core.checks import IGNORE_INDEX
 
-from .atomic import save_json, save_npy
+from thresher.core.files import save_json, save_npy
 from .documents import Document
 
 __all__ = ["Samples", "pack"]
@@ -201,7 +201,7 @@ class _DiskSink:
     def finish(self, L: int, n_docs: int) -> Samples:
         from numpy.lib.format import open_memmap
 
-        from .atomic import atomic_tmp_path, commit
+        from thresher.core.files import atomic_tmp_path, commit
 
         rows = 1 << 14  # copy 16k samples at a time: bounded memory
         for k, f in self.files.items():

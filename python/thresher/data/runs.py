@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from .atomic import save_json
+from thresher.core.files import save_json
 
 __all__ = ["fingerprint", "check_run_folder", "record_run", "RUN_FILE"]
 

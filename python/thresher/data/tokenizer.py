@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .atomic import atomic_tmp_path, commit
+from thresher.core.files import atomic_tmp_path, commit
 
 __all__ = ["Tokenizer", "load_tokenizer", "default_cache_dir", "MAX_RUN_CHARS"]
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from thresher.ops import linear_weighted_cross_entropy
-from thresher.ops._validate import IGNORE_INDEX, check_choice, check_tensor
+from thresher.core.checks import IGNORE_INDEX, check_choice, check_tensor
 
 __all__ = [
     "GPTConfig",

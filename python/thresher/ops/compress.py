@@ -62,8 +62,8 @@ from ._dispatch import (
     triton_available,
     triton_module,
 )
-from ._validate import check_choice, check_tensor, values_checkable
-from ._validate import check_has_data
+from thresher.core.checks import check_choice, check_tensor, values_checkable
+from thresher.core.checks import check_has_data
 
 __all__ = [
     "topk_encode",

@@ -75,7 +75,7 @@ from ._dispatch import (
     triton_available,
     triton_module,
 )
-from ._validate import (
+from thresher.core.checks import (
     IGNORE_INDEX,
     check_choice,
     check_has_data,

@@ -76,7 +76,7 @@ from ._dispatch import (
     triton_available,
     triton_module,
 )
-from ._validate import check_choice, check_finite_range, check_has_data, check_range, check_tensor
+from thresher.core.checks import check_choice, check_finite_range, check_has_data, check_range, check_tensor
 
 __all__ = [
     "choose_side",

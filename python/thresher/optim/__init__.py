@@ -1,5 +1,5 @@
 """thresher.optim: LowRankAdam, LoRDO and the distributed baselines (DDPAdamW, LowRankDDP, DiLoCo, SparseLoCo)."""
-from thresher._lazy import lazy_exports
+from thresher.core.lazy import lazy_exports
 
 # public name -> the submodule that defines it (imported on first use: no torch at import)
 _EXPORTS = {

@@ -41,7 +41,7 @@ from thresher.comm.collectives import (
     broadcast_,
     resolve_group,
 )
-from thresher.ops._validate import check_finite_range
+from thresher.core.checks import check_betas, check_finite_range, check_float, check_int  # noqa: F401  (re-used by the optimizers)
 
 __all__ = [
     "CollectiveError",
@@ -271,33 +271,8 @@ def _disagreement(descs: list[dict], what: str, limit: int = 6) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# Validation and checkpoint helpers
+# Hyper-parameter checks of the param groups
 # ----------------------------------------------------------------------------------------
-
-
-def check_int(name: str, v, lo: int = 1) -> int:
-    """An integer (a Python or numpy one, not a bool) >= ``lo``, as an int."""
-    if not isinstance(v, numbers.Integral) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return int(v)
-
-
-def check_float(name: str, v, lo: float = -math.inf, hi: float = math.inf,
-                lo_open: bool = False) -> float:
-    """A finite number in [lo, hi] ((lo, hi] with ``lo_open``): ops._validate's one check."""
-    return check_finite_range(name, v, lo, hi, lo_open=lo_open)
-
-
-def check_betas(betas, name: str = "betas") -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
-    out = tuple(check_float(f"{name}[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
-    for i, b in enumerate(out):
-        if b == 1.0:  # the bias correction 1 - beta^t would be 0
-            raise ValueError(f"{name}[{i}] must be < 1, got {b}")
-    return out
 
 
 #: Hyper-parameters the optimizers keep per param group: (lo, hi, lo_open); all finite.
@@ -327,29 +302,6 @@ def check_group_hparams(opt) -> None:
             check_betas(values["betas"], f"{where}['betas']" if where else "betas")
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save through thresher.data's atomic writer (temporary file beside the target,
-    fsync, rename): a crash leaves the old checkpoint or the new one, never half of one."""
-    from thresher.data.atomic import atomic_open
-
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def rng_state() -> dict:
-    """torch's CPU (and, when present, CUDA) generator states, as uint8 tensors."""
-    out = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ----------------------------------------------------------------------------------------
 # The outer step (DiLoCo, SparseLoCo, LoRDO)
 # ----------------------------------------------------------------------------------------
@@ -370,12 +322,3 @@ def outer_step_(p: torch.Tensor, anchor: torch.Tensor, delta: torch.Tensor, buf,
         d = g
     p.copy_(anchor.sub(d, alpha=lr) if lr != 1.0 else anchor.sub(d))
     anchor.copy_(p)
-
-
-def free_port() -> int:
-    """A free TCP port on loopback (for local process groups)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-from thresher.ops._validate import check_choice
+from thresher.core.checks import check_choice
 from thresher.ops.lowrank import choose_side, lowrank_adam_step, refresh_projection
 
 from ._codecs import codec_mean_, make_codec

@@ -53,7 +53,7 @@ import math
 
 import torch
 
-from thresher.ops._validate import check_choice, check_finite_range
+from thresher.core.checks import check_choice, check_finite_range
 from thresher.ops.lowrank import (
     METHODS,
     choose_side,

@@ -4,7 +4,7 @@ Offline: ``build_scorer(method, vocab_size=..., **options).fit(pool, target).sco
 (methods: ``available_methods()``), then a strategy (``select_topk``, ``select_gumbel``,
 ``select_threshold``). Online (per training batch): ``build_online_selector``.
 """
-from thresher._lazy import lazy_exports
+from thresher.core.lazy import lazy_exports
 
 # public name -> the submodule that defines it (imported on first use: no torch at import)
 _EXPORTS = {

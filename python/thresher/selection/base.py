@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from thresher.data.atomic import atomic_open
+from thresher.core.files import atomic_open
 from thresher.models.gpt import GPT, GPTConfig, load_hf_causal_lm
 
 __all__ = [

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from thresher.ops._validate import check_choice
+from thresher.core.checks import check_choice
 
 from .online import (
     IGNORE_INDEX,

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from thresher.models.gpt import ScoreModel
-from thresher.ops._validate import IGNORE_INDEX
+from thresher.core.checks import IGNORE_INDEX
 
 from .base import Scorer, check_samples, load_checkpoint, make_adamw, make_lm, register_scorer, \
     save_checkpoint, train_lm

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from thresher.ops._validate import IGNORE_INDEX, check_choice, check_tensor
+from thresher.core.checks import IGNORE_INDEX, check_choice, check_tensor
 
 __all__ = [
     "GRANULARITIES",

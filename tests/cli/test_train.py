@@ -1,4 +1,4 @@
-"""`thresher train` (thresher.optim.train_cmd): spawned gloo ranks, outputs, byte counts,
+"""`thresher train` (thresher.cli.train): spawned gloo ranks, outputs, byte counts,
 resume, online selection hook, bad arguments. A microscopic GPT on a small text file with the
 byte tokenizer keeps each run to seconds."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from thresher.optim import train_cmd
+from thresher.cli import train as train_cmd
 
 TEXT = "\n\n".join(
     f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i % 7} times, "

@@ -1,7 +1,7 @@
 """``thresher train``: train the small GPT with any thresher optimizer on N ranks.
 
     thresher train --optimizer lordo --nproc 4 --model tiny --steps 300 --out runs/lordo
-    torchrun --nproc-per-node 4 -m thresher.optim.train_cmd --optimizer diloco ...
+    torchrun --nproc-per-node 4 -m thresher.cli.train --optimizer diloco ...
 
 ``--nproc N`` spawns N local gloo ranks (torch.multiprocessing) on loopback; under torchrun
 (RANK/WORLD_SIZE in the environment) the module joins the env:// group instead (NCCL when
@@ -149,7 +149,7 @@ def data_dir(args) -> str:
 def prepare_data(args) -> str:
     """Tokenises and packs the corpus once; returns the folder holding train/ and val/."""
     from thresher.data import Document, embedded_corpus, load_tokenizer, pack, read_documents
-    from thresher.data.atomic import atomic_open
+    from thresher.core.files import atomic_open
 
     folder = data_dir(args)
     if os.path.exists(os.path.join(folder, "meta.json")):
@@ -191,9 +191,7 @@ def prepare_data(args) -> str:
 
 def build_optimizer(args, model):
     """The optimizer named by --optimizer for this rank's model."""
-    from .ddp import DDPAdamW, LowRankDDP
-    from .diloco import DiLoCo, SparseLoCo
-    from .lordo import LoRDO
+    from thresher.optim import DDPAdamW, DiLoCo, LoRDO, LowRankDDP, SparseLoCo
 
     name, lr, wd, timeout = args.optimizer, args.lr, args.weight_decay, args.timeout
     if name in ("ddp", "adamw"):
@@ -302,9 +300,11 @@ def train_rank(args, rank: int, world: int) -> dict:
     from thresher.data import Samples
     from thresher.models.gpt import GPT, GPTConfig
 
-    from thresher.ops._validate import IGNORE_INDEX
+    from thresher.core.checks import IGNORE_INDEX
 
-    from ._dist import all_reduce_mean_, atomic_save, resolve_group, rng_state, set_rng_state
+    from thresher.comm.collectives import all_reduce_mean_, resolve_group
+    from thresher.core.files import atomic_save
+    from thresher.core.rng import rng_state, set_rng_state
 
     # ranks share the machine's cores: N ranks x default threads oversubscribes it (and
     # gloo's waits spin), so each rank gets cores // N threads unless told otherwise
@@ -444,21 +444,21 @@ def train_rank(args, rank: int, world: int) -> dict:
                if hasattr(opt, "state_bytes") else None,
                "model_parameters": model.num_parameters()}
     if rank == 0:
-        from thresher.data.atomic import atomic_open
+        from thresher.core.files import atomic_open
 
         with atomic_open(os.path.join(args.out, "summary.json")) as f:
             json.dump(summary, f, indent=1)
         if not args.no_plot:
             plot_loss_vs_bytes([(args.optimizer, rows)], os.path.join(args.out, "loss_vs_bytes.png"))
     if dist.is_initialized():
-        from ._dist import barrier
+        from thresher.comm.collectives import barrier
 
         barrier(info, "end-of-training barrier")
     return summary
 
 
 def _write_csv(path, rows):
-    from thresher.data.atomic import atomic_open
+    from thresher.core.files import atomic_open
 
     with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -587,7 +587,7 @@ def launch(args) -> dict:
         rank, world = dist.get_rank(), dist.get_world_size()
         if rank == 0:
             prepare_data(args)
-        from ._dist import barrier, resolve_group
+        from thresher.comm.collectives import barrier, resolve_group
 
         barrier(resolve_group(None, args.timeout), "data preparation barrier")
         summary = train_rank(args, rank, world)
@@ -598,7 +598,7 @@ def launch(args) -> dict:
         return train_rank(args, 0, 1)
     import torch.multiprocessing as mp
 
-    from ._dist import free_port
+    from thresher.comm.collectives import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
@@ -655,7 +655,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``torchrun ... -m thresher.optim.train_cmd ARGS`` = ``thresher train ARGS`` (same errors)."""
+    """``torchrun ... -m thresher.cli.train ARGS`` = ``thresher train ARGS`` (same errors)."""
     from thresher.cli import main as cli_main
 
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])

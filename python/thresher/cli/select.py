@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .score_cmd import CommandError, _embedded, finalize
-from .strategies import STRATEGIES, select_gumbel, select_threshold, select_topk
+from .score import CommandError, _embedded, finalize
+from thresher.selection.strategies import STRATEGIES, select_gumbel, select_threshold, select_topk
 
 REDUCTIONS = ("mean", "token_mean", "max", "min", "sum")
 
@@ -187,7 +187,7 @@ def _run(args) -> int:
                        hf_split=pool.get("hf_split"), n_docs=n_docs, overwrite=args.overwrite)
         labels = None
     if args.ids_out:
-        from thresher.data.atomic import save_npy
+        from thresher.core.files import save_npy
 
         save_npy(args.ids_out, ids)
     msg = (f"selected {len(ids)} of {n_docs} documents ({len(ids) / n_docs:.1%}) by {args.strategy} "

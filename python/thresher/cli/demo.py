@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_time(path: Path, key: str, seconds: float) -> None:
-    from thresher.data.atomic import save_json
+    from thresher.core.files import save_json
 
     times = json.loads(path.read_text()) if path.is_file() else {}
     times[key] = times.get(key, 0.0) + seconds
@@ -236,7 +236,7 @@ def stage_select(args, cfg, out: Path, d: dict) -> dict:
 
 def _train(args, cfg, out: Path, d: dict, name: str, corpus: str, optimizer: str,
            extra: list[str] = ()) -> Run:
-    from thresher.optim import train_cmd
+    from thresher.cli import train as train_cmd
 
     steps = args.steps or cfg["steps"]
     argv = ["--corpus", corpus, "--val-corpus", d["val_path"], "--tokenizer", d["tok"].path,

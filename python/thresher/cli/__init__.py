@@ -19,13 +19,13 @@ DESCRIPTION = ("thresher: choose pretraining data (score a pool with BLISS or a 
 
 # name -> (module, one-line help, what to do after Ctrl-C)
 SUBCOMMANDS = {
-    "score": ("thresher.selection.score_cmd", "score a pool of documents (BLISS or a baseline)",
+    "score": ("thresher.cli.score", "score a pool of documents (BLISS or a baseline)",
               "rerun with --resume to continue"),
-    "select": ("thresher.selection.select_cmd", "select documents from scores (top-k, Gumbel, threshold)",
+    "select": ("thresher.cli.select", "select documents from scores (top-k, Gumbel, threshold)",
                "nothing was written"),
-    "train": ("thresher.optim.train_cmd", "train the small GPT with any thresher optimizer on N ranks",
+    "train": ("thresher.cli.train", "train the small GPT with any thresher optimizer on N ranks",
               "rerun with --resume to continue"),
-    "demo": ("thresher.demo", "the end-to-end demo on the embedded corpus",
+    "demo": ("thresher.cli.demo", "the end-to-end demo on the embedded corpus",
              "rerun with --resume to continue"),
 }
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thresher.data.atomic import save_json, save_npy
+from thresher.core.files import save_json, save_npy
 from thresher.data.embedded import embedded_size_arg
 from thresher.data.runs import check_run_folder, fingerprint, record_run
 

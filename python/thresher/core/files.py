@@ -75,3 +75,12 @@ def save_json(path: str | os.PathLike, obj) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_open`: a crash leaves the old checkpoint or the
+    new one, never half of one."""
+    import torch
+
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)

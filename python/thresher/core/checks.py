@@ -1,15 +1,15 @@
-"""The one validation helper every op uses: checks that name the argument and say what was
-expected. Type problems raise TypeError, value/shape/device problems ValueError."""
+"""The argument checks of the whole library (ops, optimizers, selectors, models, jobs) and its
+shared constants: each check names the argument and says what was expected. Type problems
+raise TypeError, value/shape/device problems ValueError."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
 
-#: The label the losses skip (PyTorch's and HF's convention): every op, model, selector
-#: and the packer use this one constant.
-IGNORE_INDEX = -100
+from .constants import DOCUMENT_REDUCTIONS, IGNORE_INDEX, LOSS_REDUCTIONS  # noqa: F401  (re-exported)
 
 
 def _dt(d: torch.dtype) -> str:
@@ -113,3 +113,28 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
                          "device first, e.g. module.to_empty(device=...) and initialise it "
                          "(for shapes only, trace with torch.compile, whose fake tensors the "
                          "ops support)")
+
+
+def check_int(name: str, v, lo: int = 1) -> int:
+    """An integer (a Python or numpy one, not a bool) >= ``lo``, as an int."""
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    return int(v)
+
+
+def check_float(name: str, v, lo: float = -math.inf, hi: float = math.inf,
+                lo_open: bool = False) -> float:
+    """A finite number in [lo, hi] ((lo, hi] with ``lo_open``)."""
+    return check_finite_range(name, v, lo, hi, lo_open=lo_open)
+
+
+def check_betas(betas, name: str = "betas") -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    out = tuple(check_float(f"{name}[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
+    for i, b in enumerate(out):
+        if b == 1.0:  # the bias correction 1 - beta^t would be 0
+            raise ValueError(f"{name}[{i}] must be < 1, got {b}")
+    return out

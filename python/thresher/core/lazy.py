@@ -1,5 +1,5 @@
 """Package exports imported on first use, so that importing a package (the ``thresher``
-command's argument parsing imports ``thresher.selection.score_cmd``, say) does not pull in
+command's argument parsing imports ``thresher.cli.score``, say) does not pull in
 torch before a command actually runs."""
 from __future__ import annotations
 

@@ -1,0 +1,117 @@
+"""The base of every job's config: a dataclass that round-trips through JSON.
+
+A job's config is the one description of a run: the CLI fills it from its flags, a user's
+code builds it directly, and the job writes it beside its outputs (``config.json``) so a run
+can be read back, compared and resumed. Fields hold JSON values only (str, int, float, bool,
+None, lists/tuples and dicts of them); paths are strings.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+
+__all__ = ["JobConfig", "JobError"]
+
+
+class JobError(ValueError):
+    """A job's input or output is not what the job can use (a missing or mismatched file, a
+    folder that holds another run): the ``thresher`` command prints it as one line."""
+
+
+def _allowed(hint) -> tuple:
+    """The runtime types a field's annotation admits (``int | None`` -> (int, NoneType))."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for a in typing.get_args(hint) for t in _allowed(a))
+    if hint is typing.Any:
+        return (object,)
+    if origin is not None:
+        return (origin,)
+    if hint is float:
+        return (float, int)  # JSON writes 1.0 as 1.0, but a user may pass 1
+    return (hint if isinstance(hint, type) else type(None) if hint is None else object,)
+
+
+def _coerce(cls_name: str, name: str, hint, value):
+    allowed = _allowed(hint)
+    if isinstance(value, list) and tuple in allowed and list not in allowed:
+        value = tuple(value)  # JSON has no tuples
+    if object in allowed or isinstance(value, allowed):
+        if isinstance(value, bool) and bool not in allowed and object not in allowed:
+            pass  # a bool is an int to isinstance; refused below
+        else:
+            return float(value) if type(value) is int and float in allowed and int not in allowed \
+                else value
+    want = " or ".join(sorted({"None" if t is type(None) else t.__name__ for t in allowed}))
+    raise TypeError(f"{cls_name}.{name} must be {want}, got {type(value).__name__} {value!r}")
+
+
+@dataclasses.dataclass
+class JobConfig:
+    """Base class of the job configs (``TrainConfig``, ``ScoreConfig``, ``SelectConfig``,
+    ``DemoConfig``): ``to_dict``/``from_dict``, ``to_json``/``from_json``, ``replace``, and
+    ``from_namespace`` for the CLI. Type checks run at construction; a job checks values."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(type(self).__name__, f.name, hints[f.name],
+                                                     getattr(self, f.name)))
+
+    # -- dicts -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The fields as JSON values (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """The config ``to_dict`` wrote; an unknown key is an error that names it (a typo
+        must not silently fall back to a default)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__}.from_dict needs a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(map(repr, unknown))}; "
+                             f"the fields are {', '.join(sorted(names))}")
+        return cls(**data)
+
+    # -- JSON ------------------------------------------------------------------------------
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The config as JSON text; with ``path``, also written there atomically."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            from thresher.core.files import atomic_open
+
+            with atomic_open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike):
+        """A config from JSON text or from the path of a JSON file."""
+        text = str(source)
+        if isinstance(source, Path) or not text.lstrip().startswith("{"):
+            text = Path(source).read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{cls.__name__}.from_json: not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+    # -- the CLI ---------------------------------------------------------------------------
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace):
+        """The config from parsed CLI flags: each field takes the flag of the same name
+        (``--batch-size`` -> ``batch_size``); flags that are not fields are ignored."""
+        values = vars(args)
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (unknown names raise TypeError, as ``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
