@@ -75,7 +75,7 @@ import _common as C  # noqa: E402
 
 from thresher.data import Document, embedded_corpus, load_tokenizer, pack, read_documents  # noqa: E402
 from thresher.core.files import save_json  # noqa: E402
-from thresher.data.embedded import CORRUPTION_KINDS, _corrupt  # noqa: E402  (one corruptor)
+from thresher.data.embedded import CORRUPTION_KINDS, corrupt  # noqa: E402  (one corruptor)
 from thresher.models.gpt import GPT, GPTConfig  # noqa: E402
 from thresher.selection.online import build_online_selector  # noqa: E402
 
@@ -120,7 +120,7 @@ def build_data(args):
         bad = np.concatenate(rounds)[:int(round(args.extra_corrupt * len(docs)))]
         for j, i in enumerate(bad):
             kind = CORRUPTION_KINDS[j % len(CORRUPTION_KINDS)]
-            pool.append((_corrupt(docs[int(i)], kind, rng), f"{name}-corrupt"))
+            pool.append((corrupt(docs[int(i)], kind, rng), f"{name}-corrupt"))
     if args.target:
         target = [d.text for d in read_documents(args.target) if d.text.strip()]
         target_name = Path(args.target).parent.name

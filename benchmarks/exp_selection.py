@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import collect_metadata, markdown_table, write_results  # noqa: E402
 
 from thresher.data import Document, embedded_corpus, load_tokenizer, pack, read_documents  # noqa: E402
-from thresher.data.embedded import CORRUPTION_KINDS, _corrupt  # noqa: E402
+from thresher.data.embedded import CORRUPTION_KINDS, corrupt  # noqa: E402
 from thresher.models.gpt import GPT, GPTConfig  # noqa: E402
 from thresher.selection.base import build_scorer, per_sample_losses  # noqa: E402
 from thresher.selection.metrics import auroc, tokens_to_reach, tokens_to_target_speedup  # noqa: E402
@@ -122,7 +122,7 @@ def build_data(a):
     texts += [(t, src, False) for t, src in extra]
     for t, src in _take(extra, int(round(a.corrupt_copies * len(extra))), rng):
         kind = CORRUPTION_KINDS[int(rng.integers(len(CORRUPTION_KINDS)))]
-        texts.append((_corrupt(t, kind, rng), f"{src}-{kind}", True))
+        texts.append((corrupt(t, kind, rng), f"{src}-{kind}", True))
     target_path = a.target or (str(wiki / "valid.txt") if (wiki / "valid.txt").is_file() else None)
     target_docs = ([d.text for d in read_documents(target_path)] if target_path
                    else [d.text for d in corpus.target])

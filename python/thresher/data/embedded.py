@@ -220,7 +220,9 @@ _BOILERPLATE = (
 )
 
 
-def _corrupt(text: str, kind: str, rng: np.random.Generator) -> str:
+def corrupt(text: str, kind: str, rng: np.random.Generator) -> str:
+    """``text`` damaged in one of the ``CORRUPTION_KINDS`` ways (the embedded corpus's
+    corrupted documents; the experiments corrupt other corpora with it)."""
     n = len(text)
     if kind == "shuffled":
         words = text.split()
@@ -325,7 +327,7 @@ def embedded_corpus(seed: int = 0, size: str | int = "default", *, corrupt_fract
     for i, (src, unit, text) in enumerate(pool_raw):
         kind = kinds[i]
         if kind:
-            text = _corrupt(text, kind, rng)
+            text = corrupt(text, kind, rng)
         pool.append(Document(i, text, {"source": src, "unit": unit, "kind": kind, "corrupted": bool(kind)}))
         sources.append(src)
     target = [Document(i, text, {"source": src, "unit": unit}) for i, (src, unit, text) in enumerate(target_raw)]

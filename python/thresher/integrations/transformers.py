@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thresher.models.gpt import logit_transform
 from thresher.ops import linear_weighted_cross_entropy
 from thresher.core.checks import IGNORE_INDEX, check_choice, check_tensor
 
@@ -50,20 +51,6 @@ _VERIFIED = "_thresher_verified"  # instance flag: the one-time transform check 
 # the keywords the patched forward adds, and those of HF's loss_function it consumes
 _OURS = ("sample_weight", "token_weight", "loss_reduction")
 _LOSS_KWARGS = ("shift_labels", "num_items_in_batch", "ignore_index")  # HF's loss_function's
-
-
-def logit_transform(config) -> tuple[float, float | None]:
-    """``(scale, softcap)`` of a HF config's final-logit post-processing (1.0 and None when
-    the family has none): Cohere's ``logit_scale``, Granite's ``logits_scaling`` and Gemma's
-    ``final_logit_softcapping``, read from the text config of multimodal models."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = 1.0
-    if getattr(cfg, "logit_scale", None) is not None:      # Cohere: logits * logit_scale
-        scale *= float(cfg.logit_scale)
-    if getattr(cfg, "logits_scaling", None) is not None:   # Granite: logits / logits_scaling
-        scale /= float(cfg.logits_scaling)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    return scale, (None if softcap is None else float(softcap))
 
 
 def _apply_transform(z: Tensor, scale: float, softcap: float | None) -> Tensor:

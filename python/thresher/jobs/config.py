@@ -23,31 +23,30 @@ class JobError(ValueError):
     folder that holds another run): the ``thresher`` command prints it as one line."""
 
 
-def _allowed(hint) -> tuple:
-    """The runtime types a field's annotation admits (``int | None`` -> (int, NoneType))."""
+def _declared(hint) -> tuple:
+    """The runtime types a field's annotation names (``int | None`` -> (int, NoneType))."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return tuple(t for a in typing.get_args(hint) for t in _allowed(a))
-    if hint is typing.Any:
-        return (object,)
+        return tuple(t for a in typing.get_args(hint) for t in _declared(a))
     if origin is not None:
         return (origin,)
-    if hint is float:
-        return (float, int)  # JSON writes 1.0 as 1.0, but a user may pass 1
-    return (hint if isinstance(hint, type) else type(None) if hint is None else object,)
+    if hint is None or hint is type(None):
+        return (type(None),)
+    return (hint,) if isinstance(hint, type) else (object,)  # typing.Any and the like
 
 
 def _coerce(cls_name: str, name: str, hint, value):
-    allowed = _allowed(hint)
-    if isinstance(value, list) and tuple in allowed and list not in allowed:
+    declared = _declared(hint)
+    if object in declared:
+        return value
+    if isinstance(value, list) and tuple in declared and list not in declared:
         value = tuple(value)  # JSON has no tuples
-    if object in allowed or isinstance(value, allowed):
-        if isinstance(value, bool) and bool not in allowed and object not in allowed:
-            pass  # a bool is an int to isinstance; refused below
-        else:
-            return float(value) if type(value) is int and float in allowed and int not in allowed \
-                else value
-    want = " or ".join(sorted({"None" if t is type(None) else t.__name__ for t in allowed}))
+    if type(value) is int and float in declared and int not in declared:
+        value = float(value)  # a user may write lr=1 for a float field
+    # a bool is an int to isinstance: accept it only where bool is declared
+    if isinstance(value, declared) and (bool in declared or not isinstance(value, bool)):
+        return value
+    want = " or ".join(sorted("None" if t is type(None) else t.__name__ for t in declared))
     raise TypeError(f"{cls_name}.{name} must be {want}, got {type(value).__name__} {value!r}")
 
 

@@ -93,7 +93,23 @@ class GPTConfig:
 # ----------------------------------------------------------------------------------------
 
 
-def _math_attention():
+def logit_transform(config) -> tuple[float, float | None]:
+    """``(scale, softcap)`` of a HF config's final-logit post-processing (1.0 and None when
+    the family has none): Cohere's ``logit_scale``, Granite's ``logits_scaling`` and Gemma's
+    ``final_logit_softcapping``, read from the text config of multimodal models."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:      # Cohere: logits * logit_scale
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:   # Granite: logits / logits_scaling
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return scale, (None if softcap is None else float(softcap))
+
+
+def math_attention():
+    """A context in which attention runs PyTorch's math kernel, the one with a double
+    backward (BLISS differentiates through the proxy model's gradient)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
@@ -128,7 +144,7 @@ class CausalLMLoss:
             elif tuple(token_weight.shape) != (B, T - 1):
                 raise ValueError(f"token_weight must have shape ({B}, {T}) or ({B}, {T - 1}), "
                                  f"got {tuple(token_weight.shape)}")
-        with _math_attention() if backend == "torch" else contextlib.nullcontext():
+        with math_attention() if backend == "torch" else contextlib.nullcontext():
             hidden = self(input_ids)[:, :-1]
         # final-logit post-processing of the model family (HF models: logit scale, soft-cap);
         # a scale folds into hidden and bias: scale * (h W^T + b) = (scale h) W^T + scale b
@@ -331,8 +347,6 @@ class HFCausalLM(CausalLMLoss, nn.Module):
         if head is None:
             raise ValueError("hf_model has no output embeddings: not a causal LM")
         self._head = head
-        from thresher.integrations.transformers import logit_transform
-
         self.logit_transform = logit_transform(hf_model.config)
 
     @property

@@ -335,9 +335,9 @@ class BlissScorer(Scorer):
         with torch.no_grad():
             tl = torch.nn.functional.linear(self.target_model(ids), self.target_model.lm_weight,
                                             self.target_model.lm_bias)
-        from thresher.models.gpt import _math_attention
+        from thresher.models.gpt import math_attention
 
-        with _math_attention():
+        with math_attention():
             pl = torch.nn.functional.linear(lm(ids), lm.lm_weight, lm.lm_bias)
         return kl_to_target(pl, tl, labels != IGNORE_INDEX)
 
