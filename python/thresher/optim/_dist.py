@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
-import os
 from typing import Sequence
 
 import torch
@@ -41,7 +39,7 @@ from thresher.comm.collectives import (
     broadcast_,
     resolve_group,
 )
-from thresher.core.checks import check_betas, check_finite_range, check_float, check_int  # noqa: F401  (re-used by the optimizers)
+from thresher.core.checks import check_betas, check_float
 
 __all__ = [
     "CollectiveError",
@@ -55,12 +53,6 @@ __all__ = [
     "adamw_update_",
     "clip_coef",
     "outer_step_",
-    "atomic_save",
-    "rng_state",
-    "set_rng_state",
-    "check_int",
-    "check_float",
-    "check_betas",
     "check_group_hparams",
     "describe",
 ]

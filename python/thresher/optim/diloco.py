@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from thresher.core.checks import check_float, check_int
+
 from ._codecs import codec_mean_, make_codec
-from ._dist import DistMixin, all_reduce_mean_, check_float, check_int, outer_step_
+from ._dist import DistMixin, all_reduce_mean_, outer_step_
 
 __all__ = ["DiLoCo", "SparseLoCo"]
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-from thresher.core.checks import check_choice
+from thresher.core.checks import check_choice, check_float, check_int
 from thresher.ops.lowrank import choose_side, lowrank_adam_step, refresh_projection
 
 from ._codecs import codec_mean_, make_codec
@@ -60,8 +60,6 @@ from ._dist import (
     DistMixin,
     adamw_update_,
     all_reduce_mean_,
-    check_float,
-    check_int,
     clip_coef,
     outer_step_,
 )
