@@ -29,54 +29,43 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# name -> thresher train arguments (on top of the common ones)
-CONFIGS = {
-    "ddp-adamw": ["--optimizer", "ddp"],
-    "lowrank-ddp": ["--optimizer", "lowrank-ddp"],
-    "diloco-H16": ["--optimizer", "diloco", "--sync-every", "16"],
-    "sparseloco-H16": ["--optimizer", "sparseloco", "--sync-every", "16"],
-    "lordo-K8-w0.5": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5",
-                      "--outer", "average"],
-    "lordo-K32-w0.5": ["--optimizer", "lordo", "--sync-every", "32", "--omega", "0.5",
-                       "--outer", "average"],
-    "lordo-K8-w0.25": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.25",
-                       "--outer", "average"],
-    "lordo-K8-w0.75": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.75",
-                       "--outer", "average"],
-    "lordo-K8-quant4": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5",
-                        "--compression", "quant4", "--outer", "average"],
-    "lordo-K8-topk": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5",
-                      "--compression", "topk", "--outer", "average"],
-    # outer Nesterov (DiLoCo's outer step, lr 0.7, momentum 0.9) instead of plain averaging
-    "lordo-K8-nesterov": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5",
-                          "--outer", "nesterov"],
-    "lordo-K32-nesterov": ["--optimizer", "lordo", "--sync-every", "32", "--omega", "0.5",
-                           "--outer", "nesterov"],
-    "lordo-K16-nesterov": ["--optimizer", "lordo", "--sync-every", "16", "--omega", "0.5",
-                           "--outer", "nesterov"],
-    "lordo-K10-nesterov": ["--optimizer", "lordo", "--sync-every", "10", "--omega", "0.5",
-                           "--outer", "nesterov"],
-    "lordo-K12-nesterov": ["--optimizer", "lordo", "--sync-every", "12", "--omega", "0.5",
-                           "--outer", "nesterov"],
-    "lordo-K10-w0.75-nesterov": ["--optimizer", "lordo", "--sync-every", "10", "--omega", "0.75",
-                                 "--outer", "nesterov"],
-    "lordo-K10-w0.25-nesterov": ["--optimizer", "lordo", "--sync-every", "10", "--omega", "0.25",
-                                 "--outer", "nesterov"],
-    "lordo-K10-nesterov-olr1": ["--optimizer", "lordo", "--sync-every", "10", "--omega", "0.5",
-                                "--outer", "nesterov", "--outer-lr", "1.0"],
-    "lordo-K10-nesterov-mom0.8": ["--optimizer", "lordo", "--sync-every", "10", "--omega", "0.5",
-                                  "--outer", "nesterov", "--outer-momentum", "0.8"],
-    "lordo-K16-nesterov-mom0.8": ["--optimizer", "lordo", "--sync-every", "16", "--omega", "0.5",
-                                  "--outer", "nesterov", "--outer-momentum", "0.8"],
-    "lordo-K32-nesterov-mom0.8": ["--optimizer", "lordo", "--sync-every", "32", "--omega", "0.5",
-                                  "--outer", "nesterov", "--outer-momentum", "0.8"],
-    "lordo-K8-quant4-nesterov-mom0.8": ["--optimizer", "lordo", "--sync-every", "8", "--omega",
-                                        "0.5", "--outer", "nesterov", "--outer-momentum", "0.8",
-                                        "--compression", "quant4"],
-    "lordo-K16-w0.25-nesterov": ["--optimizer", "lordo", "--sync-every", "16", "--omega", "0.25",
-                                 "--outer", "nesterov"],
-    "lordo-K8-quant4-nesterov": ["--optimizer", "lordo", "--sync-every", "8", "--omega", "0.5",
-                                 "--outer", "nesterov", "--compression", "quant4"],
+CONFIGS = {  # name -> the TrainConfig fields it sets
+    "ddp-adamw": dict(optimizer="ddp"),
+    "lowrank-ddp": dict(optimizer="lowrank-ddp"),
+    "diloco-H16": dict(optimizer="diloco", sync_every=16),
+    "sparseloco-H16": dict(optimizer="sparseloco", sync_every=16),
+    "lordo-K8-w0.5": dict(optimizer="lordo", sync_every=8, omega=0.5, outer="average"),
+    "lordo-K32-w0.5": dict(optimizer="lordo", sync_every=32, omega=0.5, outer="average"),
+    "lordo-K8-w0.25": dict(optimizer="lordo", sync_every=8, omega=0.25, outer="average"),
+    "lordo-K8-w0.75": dict(optimizer="lordo", sync_every=8, omega=0.75, outer="average"),
+    "lordo-K8-quant4": dict(optimizer="lordo", sync_every=8, omega=0.5, compression="quant4",
+                            outer="average"),
+    "lordo-K8-topk": dict(optimizer="lordo", sync_every=8, omega=0.5, compression="topk",
+                          outer="average"),
+    "lordo-K8-nesterov": dict(optimizer="lordo", sync_every=8, omega=0.5, outer="nesterov"),
+    "lordo-K32-nesterov": dict(optimizer="lordo", sync_every=32, omega=0.5, outer="nesterov"),
+    "lordo-K16-nesterov": dict(optimizer="lordo", sync_every=16, omega=0.5, outer="nesterov"),
+    "lordo-K10-nesterov": dict(optimizer="lordo", sync_every=10, omega=0.5, outer="nesterov"),
+    "lordo-K12-nesterov": dict(optimizer="lordo", sync_every=12, omega=0.5, outer="nesterov"),
+    "lordo-K10-w0.75-nesterov": dict(optimizer="lordo", sync_every=10, omega=0.75,
+                                     outer="nesterov"),
+    "lordo-K10-w0.25-nesterov": dict(optimizer="lordo", sync_every=10, omega=0.25,
+                                     outer="nesterov"),
+    "lordo-K10-nesterov-olr1": dict(optimizer="lordo", sync_every=10, omega=0.5, outer="nesterov",
+                                    outer_lr=1.0),
+    "lordo-K10-nesterov-mom0.8": dict(optimizer="lordo", sync_every=10, omega=0.5,
+                                      outer="nesterov", outer_momentum=0.8),
+    "lordo-K16-nesterov-mom0.8": dict(optimizer="lordo", sync_every=16, omega=0.5,
+                                      outer="nesterov", outer_momentum=0.8),
+    "lordo-K32-nesterov-mom0.8": dict(optimizer="lordo", sync_every=32, omega=0.5,
+                                      outer="nesterov", outer_momentum=0.8),
+    "lordo-K8-quant4-nesterov-mom0.8": dict(optimizer="lordo", sync_every=8, omega=0.5,
+                                            outer="nesterov", outer_momentum=0.8,
+                                            compression="quant4"),
+    "lordo-K16-w0.25-nesterov": dict(optimizer="lordo", sync_every=16, omega=0.25,
+                                     outer="nesterov"),
+    "lordo-K8-quant4-nesterov": dict(optimizer="lordo", sync_every=8, omega=0.5, outer="nesterov",
+                                     compression="quant4"),
 }
 HEADLINE = ["lowrank-ddp", "lordo-K32-w0.5", "lordo-K8-quant4", "lordo-K8-topk",
             "lordo-K16-nesterov", "lordo-K8-quant4-nesterov", "lordo-K10-nesterov",
@@ -127,19 +116,15 @@ def main(argv=None) -> int:
         args.steps, args.seeds = 64, [0]
     corpus, val = (args.corpus, args.val_corpus) if args.corpus else default_corpus()
     os.makedirs(args.out, exist_ok=True)
-    from thresher.cli import train as train_cmd
+    from thresher.jobs.train import TrainConfig, TrainJob, plot_loss_vs_bytes
 
-    common = ["--corpus", corpus, "--steps", str(args.steps), "--lr", str(args.lr),
-              "--rank", str(args.rank), "--model", args.model, "--d-model", str(args.d_model),
-              "--n-layers", str(args.n_layers), "--n-heads", str(args.n_heads),
-              "--vocab-size", str(args.vocab_size), "--seq-len", str(args.seq_len),
-              "--batch-size", str(args.batch_size), "--nproc", str(args.nproc),
-              "--eval-every", str(max(8, args.steps // 12)), "--eval-samples", "128",
-              "--ckpt-every", str(args.steps), "--warmup", str(max(4, args.steps // 10)),
-              "--data-cache", os.path.join(args.out, "data"), "--no-progress", "--no-plot",
-              "--timeout", "600"]
-    if val:
-        common += ["--val-corpus", val]
+    common = dict(corpus=corpus, val_corpus=val or None, steps=args.steps, lr=args.lr,
+                  rank=args.rank, model=args.model, d_model=args.d_model, n_layers=args.n_layers,
+                  n_heads=args.n_heads, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                  batch_size=args.batch_size, nproc=args.nproc,
+                  eval_every=max(8, args.steps // 12), eval_samples=128, ckpt_every=args.steps,
+                  warmup=max(4, args.steps // 10), data_cache=os.path.join(args.out, "data"),
+                  no_progress=True, no_plot=True, timeout=600.0)
     rows, series = [], []
     for si, seed in enumerate(args.seeds):
         names = args.configs if (si == 0 or args.second_seed_all) else \
@@ -148,12 +133,10 @@ def main(argv=None) -> int:
             out = os.path.join(args.out, f"{name}-seed{seed}")
             summary_path = os.path.join(out, "summary.json")
             if not os.path.exists(summary_path):
-                targs = argparse.ArgumentParser()
-                train_cmd.add_arguments(targs)
-                a = targs.parse_args(common + CONFIGS[name] + ["--seed", str(seed), "--out", out])
+                config = TrainConfig(**common, **CONFIGS[name], seed=seed, out=out)
                 t0 = time.perf_counter()
                 print(f"[exp_optimizers] {name} seed {seed} ...", flush=True)
-                train_cmd.launch(a)
+                TrainJob(config).run()
                 print(f"[exp_optimizers] {name} seed {seed} done in "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
             s = json.load(open(summary_path))
@@ -187,7 +170,7 @@ def main(argv=None) -> int:
         pass
     json.dump({"meta": meta, "rows": rows}, open(os.path.join(args.out, "results.json"), "w"),
               indent=1)
-    train_cmd.plot_loss_vs_bytes(series, os.path.join(args.out, "loss_vs_bytes.png"))
+    plot_loss_vs_bytes(series, os.path.join(args.out, "loss_vs_bytes.png"))
     print(f"\n{args.nproc} gloo ranks, {rows[0]['params']:,} parameters, {args.steps} steps, "
           f"{rows[0]['tokens']:,} tokens per run, corpus {corpus}; commit {meta['commit']}\n")
     print("| config | seed | val loss | vs LowRankDDP | bytes/rank | fewer bytes | wall s | opt state/rank |")

@@ -86,7 +86,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, args, match):
 
 
 def test_table_says_not_reached_and_an_interrupted_stage_keeps_its_time(tmp_path):
-    from thresher.cli.demo import Run, _Clock, build_table
+    from thresher.jobs.demo import Run, _Clock, build_table
 
     summary = {"final_val_loss": 5.0, "comm_bytes_per_rank": 1, "optimizer_state_bytes": 1, "wall_s": 1.0}
     runs = [Run("random+lordo", "random", "lordo", summary, [(1, 6.0), (2, 5.0)]),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from thresher.cli import train as train_cmd
+from thresher.jobs.train import TrainJob
 
 TEXT = "\n\n".join(
     f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i % 7} times, "
@@ -24,19 +25,23 @@ def args_for(tmp_path, *extra):
         corpus.write_text(TEXT)
     p = argparse.ArgumentParser()
     train_cmd.add_arguments(p)
-    return p.parse_args([
+    return train_cmd.config_from_args(p.parse_args([
         "--corpus", str(corpus), "--tokenizer", "byte", "--seq-len", "16", "--d-model", "16",
         "--n-layers", "1", "--n-heads", "2", "--batch-size", "2", "--eval-every", "3",
         "--eval-samples", "8", "--ckpt-every", "3", "--rank", "4", "--no-progress",
         "--schedule", "constant", "--warmup", "0", "--val-every-nth", "5",
-        "--data-cache", str(tmp_path / "data"), *extra])
+        "--data-cache", str(tmp_path / "data"), *extra]))
+
+
+def launch(cfg):
+    return TrainJob(cfg).run()
 
 
 def test_two_spawned_ranks_write_outputs_and_count_bytes(tmp_path):
     out = tmp_path / "run"
     a = args_for(tmp_path, "--optimizer", "lordo", "--nproc", "2", "--steps", "6",
                  "--sync-every", "3", "--out", str(out))
-    s = train_cmd.launch(a)
+    s = launch(a)
     assert s["world"] == 2 and s["steps"] == 6
     # dense sync of every parameter (float32) at steps 3 and 6
     assert s["comm_bytes_per_rank"] == 2 * 4 * s["model_parameters"]
@@ -54,9 +59,9 @@ def test_two_spawned_ranks_write_outputs_and_count_bytes(tmp_path):
 def test_resume_continues_bit_identically(tmp_path):
     # (LoRDO/DiLoCo/SparseLoCo resume on 2 ranks is tested in their own files)
     kw = ["--optimizer", "lowrank-adam", "--update-proj-gap", "2", "--no-plot"]
-    full = train_cmd.launch(args_for(tmp_path, *kw, "--steps", "6", "--out", str(tmp_path / "a")))
-    train_cmd.launch(args_for(tmp_path, *kw, "--steps", "3", "--out", str(tmp_path / "b")))
-    resumed = train_cmd.launch(args_for(tmp_path, *kw, "--steps", "6", "--resume",
+    full = launch(args_for(tmp_path, *kw, "--steps", "6", "--out", str(tmp_path / "a")))
+    launch(args_for(tmp_path, *kw, "--steps", "3", "--out", str(tmp_path / "b")))
+    resumed = launch(args_for(tmp_path, *kw, "--steps", "6", "--resume",
                                         "--out", str(tmp_path / "b")))
     ca = torch.load(tmp_path / "a" / "ckpt" / "rank0.pt", weights_only=True)
     cb = torch.load(tmp_path / "b" / "ckpt" / "rank0.pt", weights_only=True)
@@ -69,7 +74,7 @@ def test_resume_continues_bit_identically(tmp_path):
 
 
 def test_online_selection_hook(tmp_path):
-    s = train_cmd.launch(args_for(tmp_path, "--optimizer", "adamw", "--steps", "2",
+    s = launch(args_for(tmp_path, "--optimizer", "adamw", "--steps", "2",
                                   "--select", "random", "--select-opt", "gamma=0.5",
                                   "--no-plot", "--out", str(tmp_path / "sel")))
     assert s["steps"] == 2
@@ -77,12 +82,12 @@ def test_online_selection_hook(tmp_path):
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="--steps must be >= 1"):
-        train_cmd.launch(args_for(tmp_path, "--steps", "0", "--out", str(tmp_path / "x")))
+        launch(args_for(tmp_path, "--steps", "0", "--out", str(tmp_path / "x")))
     with pytest.raises(ValueError, match="compression must be None"):
-        train_cmd.launch(args_for(tmp_path, "--steps", "1", "--compression", "zip",
+        launch(args_for(tmp_path, "--steps", "1", "--compression", "zip",
                                   "--out", str(tmp_path / "y")))
     with pytest.raises(ValueError, match="--select-opt must be KEY=VALUE"):
-        train_cmd.launch(args_for(tmp_path, "--steps", "1", "--select", "random",
+        launch(args_for(tmp_path, "--steps", "1", "--select", "random",
                                   "--select-opt", "gamma", "--out", str(tmp_path / "z")))
 
 
@@ -92,34 +97,34 @@ def test_bad_arguments(tmp_path):
 
 def test_changed_corpus_is_tokenised_again(tmp_path):
     a = args_for(tmp_path, "--optimizer", "adamw", "--steps", "1", "--no-plot", "--out", str(tmp_path / "r1"))
-    train_cmd.launch(a)
-    first = train_cmd.data_dir(a)
+    launch(a)
+    first = a.data_dir()
     meta1 = json.load(open(os.path.join(first, "meta.json")))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT.replace("fox", "cat"))  # same path, same size
     b = args_for(tmp_path, "--optimizer", "adamw", "--steps", "1", "--no-plot", "--out", str(tmp_path / "r2"))
-    assert train_cmd.data_dir(b) != first
-    train_cmd.launch(b)
+    assert b.data_dir() != first
+    launch(b)
     import numpy as np
 
-    ids = np.load(os.path.join(train_cmd.data_dir(b), "train", "input_ids.npy"))
+    ids = np.load(os.path.join(b.data_dir(), "train", "input_ids.npy"))
     assert b"cat" in bytes(int(t) for t in ids.reshape(-1) if t < 256)
-    assert json.load(open(os.path.join(train_cmd.data_dir(b), "meta.json")))["train_tokens"] == meta1["train_tokens"]
+    assert json.load(open(os.path.join(b.data_dir(), "meta.json")))["train_tokens"] == meta1["train_tokens"]
 
 
 def test_existing_run_needs_resume_and_the_same_settings(tmp_path):
     out = tmp_path / "run"
     kw = ["--optimizer", "adamw", "--no-plot", "--out", str(out)]
-    train_cmd.launch(args_for(tmp_path, *kw, "--steps", "3"))
+    launch(args_for(tmp_path, *kw, "--steps", "3"))
     log = (out / "log.csv").read_bytes()
     with pytest.raises(ValueError, match="already holds a run; pass --resume"):
-        train_cmd.launch(args_for(tmp_path, *kw, "--steps", "3"))
+        launch(args_for(tmp_path, *kw, "--steps", "3"))
     with pytest.raises(ValueError, match=r"settings differ .*lr \(0.003 then, 0.01 now\)"):
-        train_cmd.launch(args_for(tmp_path, *kw, "--steps", "6", "--resume", "--lr", "1e-2"))
+        launch(args_for(tmp_path, *kw, "--steps", "6", "--resume", "--lr", "1e-2"))
     with pytest.raises(ValueError, match="settings differ .*seed"):
-        train_cmd.launch(args_for(tmp_path, *kw, "--steps", "6", "--resume", "--seed", "1"))
+        launch(args_for(tmp_path, *kw, "--steps", "6", "--resume", "--seed", "1"))
     assert (out / "log.csv").read_bytes() == log
-    s = train_cmd.launch(args_for(tmp_path, *kw, "--steps", "6", "--resume"))  # --steps may grow
+    s = launch(args_for(tmp_path, *kw, "--steps", "6", "--resume"))  # --steps may grow
     assert s["steps"] == 6
 
 
@@ -127,15 +132,15 @@ def test_bad_options_are_found_before_run_json(tmp_path):
     out = tmp_path / "run"
     kw = ["--optimizer", "lordo", "--steps", "1", "--no-plot", "--out", str(out)]
     with pytest.raises(ValueError, match="--lr must be a positive number"):
-        train_cmd.launch(args_for(tmp_path, *kw, "--lr", "-1"))
+        launch(args_for(tmp_path, *kw, "--lr", "-1"))
     with pytest.raises(ValueError, match="compression must be None"):
-        train_cmd.launch(args_for(tmp_path, *kw, "--compression", "zip"))
+        launch(args_for(tmp_path, *kw, "--compression", "zip"))
     with pytest.raises(ValueError, match="--select-opt gamma=0.5 needs --select"):
-        train_cmd.launch(args_for(tmp_path, *kw, "--select-opt", "gamma=0.5"))
+        launch(args_for(tmp_path, *kw, "--select-opt", "gamma=0.5"))
     with pytest.raises(ValueError, match="--select must be one of blade, rho"):
-        train_cmd.launch(args_for(tmp_path, *kw, "--select", "bladee"))
+        launch(args_for(tmp_path, *kw, "--select", "bladee"))
     assert not (out / "run.json").exists()
-    assert train_cmd.launch(args_for(tmp_path, *kw))["steps"] == 1  # the corrected rerun, no --resume
+    assert launch(args_for(tmp_path, *kw))["steps"] == 1  # the corrected rerun, no --resume
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

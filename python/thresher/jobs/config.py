@@ -111,6 +111,18 @@ class JobConfig:
         values = vars(args)
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
+    @classmethod
+    def defaults(cls) -> dict:
+        """The fields that have defaults, with them (what the CLI sets as its flags' defaults,
+        so that the command and the config cannot disagree)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
     def replace(self, **changes):
         """A copy with ``changes`` (unknown names raise TypeError, as ``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
