@@ -17,8 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from thresher.core.checks import check_int
 from thresher.core.files import atomic_open
 from thresher.models.gpt import GPT, GPTConfig, load_hf_causal_lm
+
+from .registry import SCORERS
 
 __all__ = [
     "Scorer",
@@ -33,38 +36,23 @@ __all__ = [
     "check_samples",
 ]
 
-_REGISTRY: dict[str, type] = {}
-
-
 def register_scorer(name: str) -> Callable[[type], type]:
-    def deco(cls):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"scorer {name!r} is already registered by {_REGISTRY[name].__name__}")
-        _REGISTRY[name] = cls
-        cls.method = name
-        return cls
-
-    return deco
+    """Class decorator: makes ``build_scorer(name, ...)`` build this Scorer subclass."""
+    return SCORERS.register(name)
 
 
 def available_methods() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def _load_builtin():
-    from . import baselines, bliss  # noqa: F401  (registration side effect)
+    return sorted(SCORERS.names())
 
 
 def build_scorer(method: str, *, vocab_size: int, seed: int = 0, device="cpu", **options) -> "Scorer":
     """``method`` in ``available_methods()`` ("bliss", "color", "miniplm", "excess", "loss",
     "random", "qurating"); ``options`` are the method's hyper-parameters (see its class)."""
-    _load_builtin()
-    if not isinstance(method, str) or method not in _REGISTRY:
-        raise ValueError(f"method must be one of {sorted(_REGISTRY)}, got {method!r}")
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 2:
-        raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
-    return _REGISTRY[method](vocab_size=vocab_size, seed=seed, device=device, **options)
+    if not isinstance(method, str) or method not in SCORERS.names():
+        raise ValueError(f"method must be one of {available_methods()}, got {method!r}")
+    cls = SCORERS.get(method, "method")
+    check_int("vocab_size", vocab_size, 2)
+    return cls(vocab_size=vocab_size, seed=seed, device=device, **options)
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,8 +218,7 @@ class Scorer:
         if not self._fitted:
             raise RuntimeError(f"{type(self).__name__}.score called before fit")
         check_samples("samples", samples, min_len=0)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int("batch_size", batch_size, 1)
         return np.ascontiguousarray(self._score(samples, batch_size, progress), dtype=np.float32)
 
     # -- helpers for subclasses -------------------------------------------------------------

@@ -49,13 +49,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from thresher.core.checks import check_choice
+from thresher.core.checks import check_choice, check_int
 
+from .registry import ONLINE
 from .online import (
     IGNORE_INDEX,
     OnlineSelector,
     ValStream,
-    check_int,
     check_positive,
     fit_reference,
     make_reference,
@@ -67,6 +67,7 @@ __all__ = ["BLADE", "REF_SCHEDULES"]
 REF_SCHEDULES = ("reset", "persistent")
 
 
+@ONLINE.register("blade")
 class BLADE(OnlineSelector):
     """Online BLADE selector (see the module docstring and docs/blade.md).
 
@@ -82,6 +83,7 @@ class BLADE(OnlineSelector):
     ``val_batch_size``, ``seed`` (the validation batch order)."""
 
     name = "blade"
+    uses_val_data = True
 
     def __init__(self, model: nn.Module, val_data, *, gamma: float = 0.6, tau: int = 400,
                  ref_steps: int = 75, lam: float = 1.0, granularity: str = "sequence",

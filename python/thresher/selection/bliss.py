@@ -48,7 +48,6 @@ Our choices (documented options; the paper's value in brackets):
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from thresher.models.gpt import ScoreModel
-from thresher.core.checks import IGNORE_INDEX
+from thresher.core.checks import IGNORE_INDEX, check_float, check_int
 
 from .base import Scorer, check_samples, load_checkpoint, make_adamw, make_lm, register_scorer, \
     save_checkpoint, train_lm
@@ -102,8 +101,7 @@ def bliss_hypergradient(sample_loss: Callable[[dict], Tensor], params: dict, wei
     same ``power_state`` dict on every call to warm-start from the previous eigenvector; it
     is filled with ``vector`` (the eigenvector estimate), ``lambda_max`` and ``lr_z``.
     """
-    if z_loops < 1:
-        raise ValueError(f"z_loops must be >= 1, got {z_loops}")
+    check_int("z_loops", z_loops, 1)
     auto = isinstance(lr_z, str)
     if auto and lr_z != "auto":
         raise ValueError(f"lr_z must be a number or 'auto', got {lr_z!r}")
@@ -209,19 +207,16 @@ class BlissConfig:
     def __post_init__(self):
         for k in ("warmup_steps", "outer_steps", "inner_steps", "batch_size", "val_batch_size",
                   "z_loops", "checkpoint_every", "power_iters"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if k in (
-                    "warmup_steps", "outer_steps", "inner_steps") else 1):
-                raise ValueError(f"BLISS option {k} must be a non-negative int "
-                                 f"(positive for sizes/loops), got {v!r}")
+            lo = 0 if k in ("warmup_steps", "outer_steps", "inner_steps") else 1  # steps vs sizes
+            check_int(f"BLISS option {k}", getattr(self, k), lo)
         for k in ("lr_z", "lambda_z", "gamma", "reg", "proxy_lr", "score_lr", "clip"):
             v = getattr(self, k)
-            if k == "lr_z" and v == "auto":
+            if k == "lr_z" and isinstance(v, str):
+                if v != "auto":
+                    raise ValueError(f"BLISS option lr_z must be a finite number >= 0 or 'auto', "
+                                     f"got {v!r}")
                 continue
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                also = " or 'auto'" if k == "lr_z" else ""
-                raise ValueError(f"BLISS option {k} must be a finite number >= 0{also}, "
-                                 f"got {v!r}")
+            check_float(f"BLISS option {k}", v, 0.0)
 
 
 class _SampleLoss(nn.Module):
@@ -368,11 +363,11 @@ class BlissScorer(Scorer):
         F = dict(zip(params, torch.autograd.grad(val_loss, list(params.values()))))
         s, P = self._weights(ids, labels, grad=True)
         wrapper = _SampleLoss(self.proxy)
-        extra = None
-        if c.gamma and self.target_model is not None:
-            def extra(p):
-                return c.gamma * functional_call(
-                    _KLCall(self), {"lm." + k: v for k, v in p.items()}, (ids, labels))
+        def kl_term(p):
+            return c.gamma * functional_call(
+                _KLCall(self), {"lm." + k: v for k, v in p.items()}, (ids, labels))
+
+        extra = kl_term if c.gamma and self.target_model is not None else None
         grad_s, gz, _ = bliss_hypergradient(
             lambda p: functional_call(wrapper, {"lm." + k: v for k, v in p.items()}, (ids, labels)),
             params, P, F, z_loops=c.z_loops, lr_z=c.lr_z, lambda_z=c.lambda_z, reg=c.reg,
@@ -447,8 +442,7 @@ class BlissScorer(Scorer):
         to ``strategies.select_topk``. Returns the selected indices of each shard."""
         if not shards:
             raise ValueError("shards must hold at least one Samples")
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        check_float("fraction", fraction, 0.0, 1.0, lo_open=True)
         if select is None:
             from thresher.selection.strategies import select_topk as select
 

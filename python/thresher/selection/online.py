@@ -48,7 +48,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from thresher.core.checks import IGNORE_INDEX, check_choice, check_tensor
+from thresher.core.checks import IGNORE_INDEX, check_choice, check_float, check_int, check_tensor
+
+from .registry import ONLINE
 
 __all__ = [
     "GRANULARITIES",
@@ -68,7 +70,7 @@ __all__ = [
 ]
 
 GRANULARITIES = ("sequence", "token")
-ONLINE_SELECTORS = ("blade", "rho", "rho1", "random", "highloss")
+ONLINE_SELECTORS = tuple(ONLINE.names())  # the built-in ones
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
@@ -78,29 +80,13 @@ _INT_DTYPES = (torch.int64, torch.int32)
 
 
 def check_gamma(gamma) -> float:
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
-        raise TypeError(f"gamma must be a number in (0, 1], got {type(gamma).__name__}")
-    if not (0.0 < float(gamma) <= 1.0) or math.isnan(gamma):
-        raise ValueError(f"gamma (the kept fraction) must be in (0, 1], got {gamma}")
-    return float(gamma)
-
-
-def check_int(name: str, value, lo: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int >= {lo}, got {type(value).__name__}")
-    if value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value}")
-    return value
+    """The kept fraction: a number in (0, 1]."""
+    return check_float("gamma (the kept fraction)", gamma, 0.0, 1.0, lo_open=True)
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, "
-                         f"got {value}")
-    return float(value)
+    """A finite number > 0 (>= 0 with ``allow_zero``)."""
+    return check_float(name, value, 0.0, math.inf, lo_open=not allow_zero)
 
 
 def check_model(model) -> nn.Module:
@@ -249,6 +235,8 @@ class OnlineSelector:
     oracle. Subclasses implement ``scores`` and extend ``state_dict``."""
 
     name = "base"
+    # whether the constructor takes target-distribution samples after the model
+    uses_val_data = False
 
     def __init__(self, model: nn.Module, *, gamma: float = 0.6, granularity: str = "sequence"):
         self.model = check_model(model)
@@ -326,6 +314,7 @@ class OnlineSelector:
         self.fwdbwd_tokens = int(state["fwdbwd_tokens"])
 
 
+@ONLINE.register("random")
 class RandomSelector(OnlineSelector):
     """Uniformly random subset (the baseline every method must beat)."""
 
@@ -348,6 +337,7 @@ class RandomSelector(OnlineSelector):
         self.generator.set_state(state["generator"])
 
 
+@ONLINE.register("highloss")
 class HighLossSelector(OnlineSelector):
     """Largest current training loss ``l_i(theta)`` (Loshchilov & Hutter's online batch
     selection, deterministic top-k variant)."""
@@ -403,6 +393,7 @@ def make_reference(model: nn.Module) -> nn.Module:
     return ref
 
 
+@ONLINE.register("rho")
 class RhoLossSelector(OnlineSelector):
     """RHO-LOSS (Mindermann et al. 2022; sequence level) and RHO-1 (Lin et al. 2024; token
     level): top excess loss ``l(theta) - l(w)`` against a *static* reference ``w``.
@@ -414,6 +405,7 @@ class RhoLossSelector(OnlineSelector):
     ``fwdbwd_tokens``), then frozen."""
 
     name = "rho"
+    uses_val_data = True
 
     def __init__(self, model: nn.Module, val_data=None, *, gamma: float = 0.6,
                  granularity: str = "sequence", reference: nn.Module | None = None,
@@ -466,10 +458,12 @@ class RhoLossSelector(OnlineSelector):
             self.val.load_state_dict(state["val"])
 
 
+@ONLINE.register("rho1")
 class Rho1Selector(RhoLossSelector):
     """RHO-1: :class:`RhoLossSelector` at token level."""
 
     name = "rho1"
+    uses_val_data = True
 
     def __init__(self, model, val_data=None, *, granularity: str = "token", **opts):
         super().__init__(model, val_data, granularity=granularity, **opts)
@@ -481,15 +475,7 @@ def build_online_selector(name: str, model: nn.Module, val_samples=None, **opts)
     ``granularity``, ``tau``, ``ref_steps``, ``lam``, ``ref_lr``, ``seed``, ...).
     ``val_samples`` (target-distribution samples) is required by "blade", "rho" and "rho1"
     and ignored by the others."""
-    check_choice("name", name, ONLINE_SELECTORS)
-    if name == "blade":
-        from .blade import BLADE
-
-        return BLADE(model, val_samples, **opts)
-    if name == "rho":
-        return RhoLossSelector(model, val_samples, **opts)
-    if name == "rho1":
-        return Rho1Selector(model, val_samples, **opts)
-    if name == "random":
-        return RandomSelector(model, **opts)
-    return HighLossSelector(model, **opts)
+    cls = ONLINE.get(name, "name")
+    if cls.uses_val_data:
+        return cls(model, val_samples, **opts)
+    return cls(model, **opts)
