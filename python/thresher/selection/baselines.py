@@ -1,29 +1,7 @@
-"""Offline selection baselines as ``Scorer``s (docs/algorithms.md §4). Higher score = keep.
-
-===========  ======================================================  =======================
-method       models trained in ``fit``                               score of sample x
-===========  ======================================================  =======================
-random       none                                                    U(0, 1) from the seed
-loss         proxy on the target                                     -l_proxy(x)  (low
-                                                                     perplexity under a
-                                                                     target-like LM)
-excess       reference on the target; learner on the pool            l_learner - l_ref
-             (RHO-LOSS with a static reference)                       (reducible loss)
-color        prior on the pool; conditional = prior fine-tuned on    l_prior - l_cond
-             the target (CoLoR-Filter)
-miniplm      teacher (larger) and reference (small) both on the      l_ref - l_teacher
-             target (MiniPLM difference sampling)
-qurating     any of the above (``base``), z-scored, /temperature,    Gumbel-top-k keys: the
-             plus Gumbel noise                                        top-k of the returned
-                                                                     scores is a sample
-                                                                     without replacement
-                                                                     with p ~ exp(score/tau)
-===========  ======================================================  =======================
-
-Every l is the token-mean next-token loss (``reduction="sample"`` of the fused op, no graph).
-Each model may also be given ready-made (an ``nn.Module`` or a local HF directory via the
-``model``/``reference``/``teacher``/``prior`` options); a given model is still trained for
-the option's ``*_steps`` (set them to 0 to use it as is).
+"""Offline selection baselines as ``Scorer``s: random, loss, excess (RHO-LOSS with a static
+reference), color (CoLoR-Filter), miniplm (MiniPLM difference sampling) and qurating
+(QuRating-style Gumbel keys over any base method). Higher score = keep. Which models each
+trains and what it scores: docs/algorithms.md §4 "Offline selection baselines".
 """
 from __future__ import annotations
 

@@ -1,46 +1,13 @@
-"""BLADE: bi-level adaptive data selection, online (docs/blade.md).
+"""BLADE: bi-level adaptive data selection, online, as an ``OnlineSelector``.
 
-The bilevel objective is replaced by the penalised single-level one
-``min_alpha L_val(w) + lam [L_train(alpha, w) - L_train(alpha, theta)]``. ``L_train`` is linear
-in ``alpha``, so its gradient in ``alpha`` is minus the *excess loss*
-``e_i = l_i(theta) - l_i(w)``, and one memoryless randomised block-coordinate Frank-Wolfe step
-(the candidate batch is the random block, step size 1) is the linear-minimisation oracle over
-``{alpha in [0,1]^B, sum alpha = gamma B}``: **top-gamma B by e_i**. theta then trains on the
-alpha-weighted loss. The reference ``w`` is *dynamic*: every ``tau`` calls it takes
-``K = ref_steps`` AdamW steps on ``L_val(w) + lam L_train(alpha, w)``, starting either from a
-fresh copy of theta (``ref_schedule="reset"``) or from its own previous value
-(``"persistent"``: w is a second lower-level iterate, copied from theta once and optionally
-fitted for ``ref_warmup_steps`` steps on ``L_val`` first). docs/blade.md explains the choice
-and gives the measurements.
-
-Usage (any PyTorch loop; ``model`` has ``thresher.models.GPT``'s ``loss`` API)::
+Each call keeps the top-gamma share of the batch by excess loss ``l_i(theta) - l_i(w)``
+against a reference ``w`` that re-syncs every ``tau`` calls (``ref_schedule``: re-copied
+from theta, or its own persistent iterate). The algorithm and our choices:
+docs/algorithms.md §2; the reference schedules and their measurements: docs/blade.md.
 
     blade = BLADE(model, val_samples, gamma=0.6, tau=400, ref_steps=75, lam=1.0)
-    for input_ids, labels in loader:
-        alpha = blade.select(input_ids, labels)                     # (B,) 0/1
-        model.loss(input_ids, labels, sample_weight=alpha).backward()  # token_weight= at
-        opt.step(); opt.zero_grad()                                 # granularity="token"
-
-Choices (details the paper leaves open; these are ours, all options):
-
-* **When the reference syncs.** On calls ``0, tau, 2 tau, ...`` (0-based), *before* scoring
-  that call's batch, so the first batch is already scored against a fitted reference.
-* **Which alpha the reference fits.** ``L_train(alpha, w)`` uses the current candidate batch
-  with the alpha the oracle gives it under the *previous* reference (on the very first sync,
-  when there is none, ``alpha = 1``: the plain batch loss). The batch is then re-scored with
-  the fresh reference and that alpha is returned. Cost of a sync call: ``K`` forward+backward
-  passes on a validation batch and the candidate batch, plus one extra no-grad forward.
-* **Reference optimizer.** AdamW (``ref_lr``, ``ref_betas``, ``ref_weight_decay``, gradient
-  clipping ``ref_grad_clip``); with ``"reset"`` its moments are cleared at every sync by
-  default (``reset_ref_optimizer``) because ``w`` jumps to theta and old moments describe a
-  different point; with ``"persistent"`` they are kept, since ``w`` continues where it was.
-* ``lam`` weighs the training term; ``lam = 0`` gives a reference fine-tuned on the target
-  only (a dynamic RHO-LOSS).
-
-Memory: one extra copy of the parameters (the reference) plus its AdamW moments, 3x the
-model's parameter bytes (4 MiB x 3 for a 1M-parameter fp32 GPT). Compute per call: two
-no-grad forwards on the candidate batch (``fwd_tokens``); per sync, ``K`` forward+backward
-passes over ``val_batch_size + B`` sequences (``fwdbwd_tokens``).
+    alpha = blade.select(input_ids, labels)                  # (B,) 0/1
+    model.loss(input_ids, labels, sample_weight=alpha).backward()
 """
 from __future__ import annotations
 

@@ -1,49 +1,11 @@
-"""BLISS -- bilevel influence scoring (Hao et al., arXiv 2510.06048), docs/algorithms.md §1.
+"""BLISS -- bilevel influence scoring (Hao et al., arXiv 2510.06048) as a ``Scorer``.
 
-A score model theta_s gives each sample s_i in (0,1); P = softmax(s) over the batch weights a
-proxy LM's lower-level loss ``g(theta_p) = sum_i P_i l_i + gamma KL(target || proxy) +
-lam ||theta_p||^2``; the score model is trained so that the proxy trained on the weighted data
-does well on the target (validation) set. One outer step:
-
-1. ``inner_steps`` AdamW steps on the proxy with ``g``;
-2. ``F = grad L_val(theta_p)`` on a validation batch;
-3. ``z ~ (H + lambda_z I)^-1 F`` by ``z_loops`` iterations of ``z <- z - lr_z (H z - F +
-   lambda_z z)`` from z = 0, H z by double backward of ``g`` (one graph, reused);
-4. ``gz_i = <grad l_i, z>`` for the whole batch in ONE forward-mode JVP of the per-sample loss
-   vector along z (``torch.func.jvp`` + ``functional_call``): one forward pass carrying a
-   tangent, instead of B backward passes;
-5. ``dL/ds_j = -P_j (gz_j - sum_k P_k gz_k)`` (implicit function theorem: dtheta*/dP_j =
-   -H^-1 grad l_j, so dL_val/dP_j = -gz_j; then the softmax Jacobian), backpropagated through
-   the score model, clipped, AdamW step on theta_s.
-
-:func:`bliss_hypergradient` is steps 3-5 for *any* per-sample loss function of a parameter
-dict (the tests run it on ridge regression, whose exact hypergradient has a closed form).
-
-Our choices (documented options; the paper's value in brackets):
-
-- ``inner_fresh_batches=True``: each inner step draws a fresh pool batch weighted by the
-  current score model (no grad), and the hypergradient uses one more fresh batch; the lower
-  level is the weighted loss over the whole pool, so re-using one batch for all inner steps
-  would fit the proxy to 32 samples.
-- CPU-scale defaults: proxy/score model a small GPT, ``proxy_lr = 1e-3`` and ``score_lr =
-  1e-3`` [1e-5 for Pythia-160M: a 0.1M-parameter model from scratch needs larger steps];
-  ``lr_z = "auto"`` [1e-2]: each outer step estimates the largest eigenvalue of
-  ``H + lambda_z I`` by ``power_iters`` power iterations on the same double-backward graph
-  (warm-started from the previous step's eigenvector, so a few suffice) and uses ``lr_z =
-  1 / lambda_max``: the Neumann series ``z <- z - lr_z (H z + lambda_z z - F)`` then
-  converges. Measured on the exp_selection proxy (2-layer d=64, token-mean loss):
-  ``lambda_max ~ 25``, so a fixed ``lr_z = 1.0`` diverges (|1 - 25| per loop; z was dominated
-  by the top-curvature directions and ranked boilerplate and repeated-line copies above
-  clean text) and the paper's 1e-2 leaves z ~ 0.03 F, only the first-order gradient
-  alignment. With the auto step the raw ``gz`` separated clean WikiText from its corrupted
-  copies with AUROC 0.875, vs 0.75 at 1e-2 and 0.35 at 1.0. Cost: ``power_iters`` extra
-  Hessian-vector products per outer step (each about one z loop).
-  ``warmup_steps = 100``, ``outer_steps = 60``, ``batch_size = 32``, proxy/score backbone
-  ``dict(d_model=64, n_layers=2, n_heads=2)``. inner_steps 5,
-  z_loops 3, lambda_z 1e-2, lam 1e-7, betas (0.9, 0.95), weight decay 0.1, clip 1.0 as the
-  paper.
-- Scores are ``s`` in (0, 1) (sigmoid), as the paper: ``softmax(s)`` then bounds the weight
-  ratio inside a batch by e.
+A score model weights a proxy LM's training loss (softmax over the batch); the score model is
+trained by the hypergradient of the proxy's validation loss: inverse-Hessian-vector product
+by double backward, per-sample directional derivatives in one forward-mode JVP.
+:func:`bliss_hypergradient` is that step for any per-sample loss of a parameter dict. The
+outer step, our choices (``lr_z="auto"``, fresh inner batches, CPU-scale defaults) and the
+options: docs/algorithms.md §1.
 """
 from __future__ import annotations
 

@@ -1,43 +1,11 @@
 """Online batch selection: the selectors that run *inside* the training loop.
 
-Every selector has one interface (docs/interfaces.md, "Online selection")::
-
-    selector = build_online_selector(name, model, val_samples, **opts)
-    for input_ids, labels in candidate_batches:           # (B, T) each
-        alpha = selector.select(input_ids, labels)        # (B,) or (B, T) float32, 0/1
-        loss = model.loss(input_ids, labels, sample_weight=alpha)   # or token_weight=alpha
-        loss.backward(); opt.step(); opt.zero_grad()
-
-``alpha`` has exactly ``k = budget(gamma, count)`` ones and zeros elsewhere, where ``count`` is
-``B`` (``granularity="sequence"``) or the number of non-ignored *targets* ``labels[:, 1:] !=
--100`` (``granularity="token"``; ``labels[:, 0]`` is never predicted, so ``alpha[:, 0]`` is
-always 0 and the (B, T) ``alpha`` lines up with ``labels`` as ``GPT.loss``'s ``token_weight``
-expects). The ones go to the ``k`` largest scores -- the linear-minimisation oracle over
-``{alpha in [0,1]^count, sum alpha = k}`` -- with ties broken by position (row-major: the
-earlier sample/token wins), so the result is deterministic. Sequences with no target token
-and ignored tokens score ``-inf``: they are picked last (a sequence) or never (a token).
-
-Because the ``"mean"`` reduction is ``sum_t w_t l_t / sum_t w_t``, training on the 0/1
-``alpha`` gives exactly the gradient of the plain mean loss over the selected samples/tokens;
-at sequence level a caller may equally train on ``input_ids[alpha > 0]`` (same gradient, a
-``1/gamma`` cheaper step), which is what ``benchmarks/exp_online_selection.py`` does.
-
-Selectors here (``build_online_selector`` names):
-
-* ``"random"``   -- uniform random subset (seeded generator, part of the state);
-* ``"highloss"`` -- largest current loss ``l_i(theta)``;
-* ``"rho"``      -- RHO-LOSS: largest excess loss ``l_i(theta) - l_i(w)`` with a *static*
-  reference ``w`` trained once on the target/validation data (sequence level);
-* ``"rho1"``     -- RHO-1: the same static excess loss per token (token level);
-* ``"blade"``    -- BLADE (``thresher.selection.blade``): the excess loss against a *dynamic*
-  reference updated every ``tau`` calls (re-copied from ``theta``, or its own warm-started
-  iterate; docs/blade.md).
-
-Scores come from one no-grad forward per model (``reduction="sample"`` for sequences,
-``reduction="none"`` for tokens): no Python loop over samples. Each selector counts the
-tokens it pushes through forward-only passes (``fwd_tokens``) and forward+backward passes
-(``fwdbwd_tokens``, reference training) so callers can account its compute
-(about ``2 N`` and ``6 N`` FLOPs per token for an ``N``-parameter model).
+``build_online_selector(name, model, val_samples, **opts).select(input_ids, labels)`` returns
+``alpha``, (B,) or (B, T) 0/1 weights with exactly ``budget(gamma, count)`` ones on the top
+scores (ties to the earlier position), for ``model.loss(..., sample_weight=alpha)`` or
+``token_weight=alpha``. Here: random, highloss, RHO-LOSS (``rho``) and RHO-1 (``rho1``);
+BLADE is in blade.py. Interface: docs/interfaces.md#online-selection; the methods:
+docs/algorithms.md §4 "Online selection baselines".
 """
 from __future__ import annotations
 

@@ -1,17 +1,8 @@
 """Selection strategies: turn scores (higher = keep) into a sorted array of kept indices.
 
-* :func:`select_topk`: the ``k = round(fraction * n)`` (at least 1) highest scores; ties go to
-  the lower index, so the result is deterministic.
-* :func:`select_gumbel`: Gumbel-top-k. Keys ``s_i + T * g_i`` with ``g_i`` standard Gumbel
-  noise rank the same as ``s_i / T + g_i``, whose top k is a sample of k indices *without
-  replacement* from ``softmax(s / T)`` (Kool et al., 2019) -- i.e. QuRating-style
-  temperature sampling over any score. ``T -> 0`` gives top-k (``T = 0`` is exactly
-  :func:`select_topk`); ``T -> inf`` a uniform random subset. Writing the key as
-  ``s + T g`` rather than ``s / T + g`` keeps it finite for tiny T.
-* :func:`select_threshold`: every index with ``score >= threshold``.
-
-Scores may be ``-inf`` (never preferred over a finite score, e.g. a document without a
-sample) or ``+inf``; NaN is an error.
+:func:`select_topk` (ties to the lower index), :func:`select_gumbel` (Gumbel-top-k: a sample
+without replacement from ``softmax(s / T)``; ``T = 0`` is top-k) and :func:`select_threshold`.
+Scores may be +-inf; NaN is an error. docs/algorithms.md §4 "Selection strategies".
 """
 from __future__ import annotations
 
