@@ -300,7 +300,7 @@ def composite_linear_ce(hidden, weight, bias, target, coef, scalar, fuse, ii, ep
                          backend):
     """``backend="torch"`` for the fused linear op: materialises the (N, V) logits."""
     return composite_ce(torch.nn.functional.linear(hidden, weight, bias), target, coef, scalar,
-                         fuse, ii, eps, zl, sc, backend)
+                        fuse, ii, eps, zl, sc, backend)
 
 
 def _differentiable_grad(logits, target, row_coef, ii, eps, zl, sc):

@@ -28,7 +28,7 @@ class ClassWeight(NamedTuple):
 
 
 def class_weight(weight, target, ignore_index, vocab, label_smoothing, softcap, acc,
-                  linear_terms):
+                 linear_terms):
     """``weight`` (per class, as ``F.cross_entropy``'s) per token. F.cross_entropy's loss is
     ``(1 - eps) w_y (lse - x_y) + eps/V sum_j w_j (lse - x_j)`` with the "mean" normaliser
     ``sum_t w_{y_t}``. That equals ``a_t (lse - x_y) + eps/V (W x_y - w.x)`` with
@@ -108,9 +108,9 @@ class CrossEntropyOutput(NamedTuple):
 
 
 def _reduce(rows, w, tw, nw, ntw, sample_weight, reduction, target_shape, acc):
-    """``rows`` (per-token values, flat) reduced with the weights (docs/kernels.md, "What it computes");
-    ``nw``/``ntw``: the normalisers' weights ("mean"/"sample"), ``w``/``tw`` times the class
-    weight of the target."""
+    """``rows`` (per-token values, flat) reduced with the weights (docs/kernels.md, "What it
+    computes"); ``nw``/``ntw``: the normalisers' weights ("mean"/"sample"), ``w``/``tw`` times
+    the class weight of the target."""
     if reduction in ("sum", "mean"):
         coef = w.reshape(-1)
         return (rows * (_normalised(coef, nw.reshape(-1)) if reduction == "mean" else coef)).sum()
@@ -122,9 +122,9 @@ def _reduce(rows, w, tw, nw, ntw, sample_weight, reduction, target_shape, acc):
 
 
 def run(fn, target_shape, target2, sample_weight, token_weight, ignore_index, reduction,
-         needs_grad, acc, make_args, zl, return_lse, cw):
-    """Applies the reduction around ``fn`` (a WeightedCE / LinearWeightedCE apply, or the composite path); ``cw``:
-    the class weights per token (a ClassWeight) or None."""
+        needs_grad, acc, make_args, zl, return_lse, cw):
+    """Applies the reduction around ``fn`` (a WeightedCE / LinearWeightedCE apply, or the
+    composite path); ``cw``: the class weights per token (a ClassWeight) or None."""
     w, tw = _weights(target2, sample_weight, token_weight, ignore_index, acc)
     nw, ntw = (w, tw) if cw is None else (w * cw.wy.reshape(w.shape), tw * cw.wy.reshape(w.shape))
     reduce = lambda rows: _reduce(rows, w, tw, nw, ntw, sample_weight, reduction,  # noqa: E731

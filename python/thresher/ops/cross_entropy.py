@@ -125,13 +125,13 @@ def weighted_cross_entropy(
     # Before the kernel, with ops whose backward keeps no reference to x (indexing, not
     # gather): overwrite_logits=True replaces x with its gradient.
     cw = class_weight(weight, target, ignore_index, vocab, label_smoothing, softcap, acc,
-                       lambda wf, y: (x[torch.arange(x.size(0), device=x.device), y].to(acc),
-                                         rows_dot(x, wf, acc)))
+                      lambda wf, y: (x[torch.arange(x.size(0), device=x.device), y].to(acc),
+                                     rows_dot(x, wf, acc)))
     target2, tflat = _as_2d_target(target)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     return run(
-        composite_ce if name == "torch" else WeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
-        reduction, needs_grad, acc_dtype(logits.dtype),
+        composite_ce if name == "torch" else WeightedCE.apply, target.shape, target2,
+        sample_weight, token_weight, ignore_index, reduction, needs_grad, acc,
         lambda coef, scalar, fuse: (x, tflat, coef, scalar, fuse, ignore_index,
                                     0.0 if cw is not None else float(label_smoothing),  # see cw
                                     float(z_loss),
@@ -196,14 +196,14 @@ def linear_weighted_cross_entropy(
         return x_y, wx
 
     cw = class_weight(weight, target, ignore_index, vocab, label_smoothing, softcap, acc,
-                       linear_terms)
+                      linear_terms)
     target2, tflat = _as_2d_target(target)
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or lm_weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     return run(
-        composite_linear_ce if name == "torch" else LinearWeightedCE.apply, target.shape, target2, sample_weight, token_weight, ignore_index,
-        reduction, needs_grad, acc_dtype(hidden.dtype),
+        composite_linear_ce if name == "torch" else LinearWeightedCE.apply, target.shape, target2,
+        sample_weight, token_weight, ignore_index, reduction, needs_grad, acc,
         lambda coef, scalar, fuse: (h2, w, bias, tflat, coef, scalar, fuse, ignore_index,
                                     0.0 if cw is not None else float(label_smoothing),  # see cw
                                     float(z_loss),
