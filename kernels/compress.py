@@ -7,29 +7,18 @@ The launchers mirror the C++ ones (csrc/cpu/compress.cpp) and write the same byt
     quant_encode(x, error, bits, block, scaling, out)
     quant_decode(payload, n, block, bits, scaling, out)
 
-The maths is csrc/common/compress.h's, op for op: float32, one IEEE rounding per operation,
-``tl.math.div_rn`` / ``tl.sqrt_rn`` for the correctly rounded division and square root, and
-every launch with ``enable_fp_fusion=False`` (an FMA in ``e - m * scale`` would change the
-last bit and the backends must agree exactly).
-
-Top-k encode: one program per chunk, the chunk in registers (BLOCK = chunk rounded up to a
-power of two: 1024 on 4 warps, 4096 on 8 warps, 8192 on 16 warps: 4-16 elements a thread).
-Selection is a bitwise radix select on |v|'s 31 bits: 31 block reductions, each counting
-the candidates that match the prefix found so far with the next bit set; the threshold key T
-and how many of the elements equal to T to take come out of it, and a cumulative sum gives
-ties to the lowest indices and every chosen element its slot (index order). Codes and
-indices go to a small global scratch (k int32 each per chunk, 0.4% of the input at the
-defaults), then after a CTA barrier each thread builds whole payload bytes from them. Bytes
-moved per element: 4 (x) + 8 (e read + write) for fp32 input, as the CPU kernel.
-
-Blockwise quantiser: one program per block (<= 4096), absmax by a max reduction, mean and
-sigma by the pairwise tree of compress.h (reshape to pairs + split + add, log2(block) times),
-codes packed per byte by a reshape to (bytes, codes per byte) and a shifted sum.
+The maths is csrc/common/compress.h's, op for op (every launch with ``enable_fp_fusion=False``);
+the payload layouts are thresher.core.layouts'. Design (radix select, the pairwise tree, the
+launch configurations): docs/kernels.md ("Compression", "Triton kernels").
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from thresher.core.layouts import QuantLayout, TopKLayout, index_bits
+
+from .aot import compile_kernel, pointer_attrs, require_compiled
 
 __all__ = ["topk_encode", "topk_decode", "quant_encode", "quant_decode", "launch_config",
            "aot_compile_stats", "SUPPORTED_DTYPES"]
@@ -49,10 +38,6 @@ def launch_config(size: int) -> tuple[int, int]:
 
 def _pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
-
-
-def _index_bits(chunk: int) -> int:
-    return 12 if chunk <= 4096 else (16 if chunk <= 65536 else 32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -277,16 +262,10 @@ def _quant_decode_kernel(p_ptr, offset_ptr, scale_ptr, out_ptr, block, n_blocks,
 # ----------------------------------------------------------------------------------------
 
 
-def _topk_dims(n, k, chunk, bits):
-    from thresher.ops.compress import TopKLayout
-
-    return TopKLayout(n, k, chunk, bits)
-
-
 def topk_encode(x, error, k: int, chunk: int, bits: int, out) -> None:
     import torch
 
-    lay = _topk_dims(x.numel(), k, chunk, bits)
+    lay = TopKLayout(x.numel(), k, chunk, bits)
     if lay.n_chunks == 0:
         return
     block, warps = launch_config(chunk)
@@ -303,7 +282,7 @@ def topk_encode(x, error, k: int, chunk: int, bits: int, out) -> None:
 def topk_decode(payload, n: int, k: int, chunk: int, bits: int, out, count) -> None:
     import torch
 
-    lay = _topk_dims(n, k, chunk, bits)
+    lay = TopKLayout(n, k, chunk, bits)
     if lay.n_chunks == 0:
         return
     scales = payload[: 4 * lay.n_chunks].view(torch.float32)
@@ -314,16 +293,10 @@ def topk_decode(payload, n: int, k: int, chunk: int, bits: int, out, count) -> N
         BK=_pow2(lay.k_full), num_warps=4, enable_fp_fusion=False)
 
 
-def _quant_dims(n, block, bits, scaling):
-    from thresher.ops.compress import _QuantLayout
-
-    return _QuantLayout(n, block, bits, scaling)
-
-
 def quant_encode(x, error, bits: int, block: int, scaling: str, out) -> None:
     import torch
 
-    lay = _quant_dims(x.numel(), block, bits, scaling)
+    lay = QuantLayout(x.numel(), block, bits, scaling)
     if lay.n_blocks == 0:
         return
     blk, warps = launch_config(block)
@@ -339,7 +312,7 @@ def quant_encode(x, error, bits: int, block: int, scaling: str, out) -> None:
 def quant_decode(payload, n: int, block: int, bits: int, scaling: str, out) -> None:
     import torch
 
-    lay = _quant_dims(n, block, bits, scaling)
+    lay = QuantLayout(n, block, bits, scaling)
     if lay.n_blocks == 0:
         return
     blk, warps = launch_config(block)
@@ -368,7 +341,7 @@ def _aot_specs(dtype: str):
            "IBITS": "constexpr", "HAS_E": "constexpr", "BLOCK": "constexpr", "NBV": "constexpr",
            "NBI": "constexpr"}
     for block, warps in ((4096, 8), (8192, 16)):
-        ib = _index_bits(block)
+        ib = index_bits(block)
         yield ("topk_encode", _topk_encode_kernel, enc,
                {"BITS": 2, "IBITS": ib, "HAS_E": True, "BLOCK": block, "NBV": 16, "NBI": _pow2(64 * ib // 8)},
                (block, warps))
@@ -400,27 +373,15 @@ def aot_compile_stats(cc: int, full: bool = True) -> list[dict]:
     default launch configurations, without the mean/sigma encoder: the storage dtype changes
     one load, and the ten reshape+split levels of its pairwise tree take ~10 s of CPU to
     compile per architecture. Must run without TRITON_INTERPRET."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    from thresher.kernels.cross_entropy import _ptxas_usage
-
-    if not isinstance(_topk_encode_kernel, JITFunction):
-        raise RuntimeError("aot_compile_stats needs the compiled (not interpreted) kernels: "
-                           "import thresher.kernels.compress without TRITON_INTERPRET=1")
-    target = GPUTarget("cuda", int(cc), 32)
+    require_compiled(_topk_encode_kernel, "thresher.kernels.compress")
     out = []
     for dtype in SUPPORTED_DTYPES if full else ("fp32",):
         for name, fn, sig, constexprs, (block, warps) in _aot_specs(dtype):
             if not full and (block == 8192 or name == "quant_encode_meanstd"):
                 continue
-            attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
-                     for k, t in sig.items() if t.startswith("*")}
-            src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-            k = triton.compile(src, target=target,
-                               options={"num_warps": warps, "enable_fp_fusion": False})
-            regs, spill_st, spill_ld = _ptxas_usage(k.asm["ptx"], int(cc))
+            k, regs, spill_st, spill_ld = compile_kernel(
+                fn, sig, constexprs, pointer_attrs(fn, sig), cc,
+                {"num_warps": warps, "enable_fp_fusion": False})
             out.append({"kernel": name, "dtype": dtype, "cc": int(cc), "block": block,
                         "num_warps": k.metadata.num_warps, "n_regs": regs,
                         "n_spills": spill_st + spill_ld, "shared": k.metadata.shared})

@@ -1,73 +1,21 @@
 """Triton kernels for the weighted cross-entropy op (``thresher.ops.cross_entropy``).
 
-The op layer calls two launchers, one row kernel each (see that module's docstring for the
-maths and for who calls which)::
+The op layer calls two launchers, one row kernel each::
 
     ce_forward(x, target, lse, loss, grad, coef, ignore_index, eps, zl, cap)  # loss, lse [, grad]
     ce_backward(x, target, lse, coef, grad, ignore_index, eps, zl, cap)       # grad from saved lse
 
-Per row (token) with logits x (vocab V), target y, lse = logsumexp(x), p_j = exp(x_j - lse)::
-
-    loss   = lse - (1 - eps) x_y - eps mean_j(x_j) + zl lse^2
-    grad_j = coef (p_j (1 + 2 zl lse) - eps / V - (1 - eps) [j == y])
-
-and an ignored row (y == ignore_index) gets loss = lse = 0 and a zero gradient row. With a
-soft-cap ``cap != 0`` every x_j is first replaced by ``cap tanh(x_j / cap)`` (on load) and
-grad_j is multiplied by ``1 - tanh^2(x_j / cap)``; ``SOFTCAP`` is a constexpr, so the
-uncapped kernels are the same code as without the option.
-
-Design. One program per row; the row is swept in ``BLOCK_V`` tiles, all maths in fp32
-whatever the storage dtype (16-bit logits are widened on load, the gradient is rounded once
-on store). The op is memory-bound: per element a load, a handful of FMAs and one ``exp``,
-so the only things that matter are the number of passes over the row and keeping enough
-bytes in flight.
-
-* Forward, pass 1: an online log-sum-exp. Per tile two block reductions: the tile's max
-  (-> the running max ``m``, which every lane needs) and its sum of ``x`` (label
-  smoothing's mean, a block-uniform scalar). The sum of exponentials stays a per-lane
-  vector rescaled by ``exp(m_old - m_new)`` (one scalar ``exp`` per tile, not per element)
-  and is reduced once, after the loop. So each element costs exactly one ``exp``. (A single
-  tuple ``tl.reduce`` for max and sum would save one barrier per tile, but the interpreter
-  runs custom combine functions element by element in Python -- 100x slower tests -- and
-  with 8 elements a thread the separate reductions need no more registers.)
-* Forward with a gradient, pass 2: re-reads the row and writes ``grad`` (one more ``exp``
-  per element). The row was read moments before by the same program, so for 16-bit
-  vocabularies up to ~128K (256 KB a row) much of this second read is served by the 50 MB
-  L2 of an H100 rather than HBM.
-* Backward: one pass, from the saved lse: read the row, write the gradient.
-
-Bytes moved per row (V = 128256, b = bytes per element: 2 for bf16/fp16, 4 for fp32):
-
-* forward, loss only:           V b        (256.5 KB bf16; + 20 B of target/loss/lse)
-* forward with gradient:        3 V b      (769.5 KB bf16: read, re-read, write)
-* backward from the saved lse:  2 V b      (513 KB bf16)
-
-so eager forward+backward of the "sum"/"mean" reductions (gradient fused into the forward,
-backward a no-op) moves 3 V b per row against 1 V b (forward) + 2 V b (backward) for the
-"none"/"sample" path: the same, with no second log-sum-exp. On an H100 (3.35 TB/s) a
-(8192, 128256) bf16 batch costs ~0.63 ms for the loss alone and ~1.9 ms fused -- next to the
-LM-head GEMMs that produce those logits (2 * 8192 * 128256 * 4096 FLOPs ~ 8.6 TFLOP, ~8.7 ms
-at 990 TFLOP/s), the loss is a small part of the step.
-
-In-place gradient. ``grad`` may be the very tensor ``x`` (the fused linear op overwrites its
-logits chunk with the gradient). That is safe here because a program only ever writes its
-own row; ``x_y`` and every pass-1 tile are loaded before pass 2 starts, with CTA barriers in
-between (the cross-warp reductions of the lse, which pass 2 needs: a ``bar.sync``
-guarantees a thread's earlier loads are performed before any other thread of the block
-goes on); and within pass 2 each tile's store consumes the values that same tile loaded,
-in the same register layout. (Loading ``x_y`` once, rather than picking it out of the
-tiles as they stream by, saves a 64-bit compare and an accumulator vector per thread; an
-earlier version doing that, with 16 elements a thread and sum-x as a per-lane vector,
-needed ~120 registers.)
-
-Ignored rows (padding) never read the row: they write lse = loss = 0 and, with a gradient,
-a row of zeros (V b). Rows with ``coef == 0`` (zero token weight) still get their loss
-(pass 1) but skip pass 2's read: their gradient row is written as zeros.
+One program per row, swept in ``BLOCK_V`` tiles, fp32 maths whatever the storage dtype: an
+online log-sum-exp (one ``exp`` per element), a second pass for the gradient, which may be
+written over ``x`` itself. The maths, the design, the bytes moved and why the in-place
+gradient is safe: docs/kernels.md ("Cross-entropy", "Triton kernels").
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .aot import compile_kernel, pointer_attrs, require_compiled
 
 __all__ = ["ce_forward", "ce_backward", "launch_config", "aot_compile_stats", "SUPPORTED_DTYPES"]
 
@@ -304,45 +252,13 @@ def _aot_specs(dtype: str):
                    block_v, num_warps)
 
 
-def _divisibility_attrs(fn, signature, aligned_rows: bool):
-    """The JIT's specialisation: torch allocations are 16-byte aligned, so every pointer is
-    16-divisible; V and the row strides are too when V is a multiple of 16 (32000, 128256),
-    which lets the compiler vectorise row loads (16-byte ld.global.v4). An odd V (50257)
-    gets the same kernel with those hints off: scalar 2/4-byte loads, still coalesced. (The
-    JIT hints V and each stride separately, so a padded buffer can mix the two; these are
-    the two extremes.)"""
-    hinted = [k for k, t in signature.items()
-              if t.startswith("*") or (aligned_rows and k in ("x_stride", "grad_stride", "V"))]
-    return {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in hinted}
-
-
-def _ptxas_usage(ptx: str, cc: int) -> tuple[int, int, int]:
-    """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` on the kernel's PTX,
-    with the flags Triton itself uses. Triton 3.7 only exposes ``n_regs``/``n_spills`` on a
-    CompiledKernel after loading it onto a GPU (``_init_handles``), and discards the ptxas
-    log it produced while compiling, so without a GPU we ask ptxas again."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
-    ptxas = get_ptxas(cc).path
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        res = subprocess.run(
-            [ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2",
-             f"--gpu-name={sm_arch_from_capability(cc)}", src, "-o", os.path.join(d, "k.o")],
-            capture_output=True, text=True, check=True)
-    log = res.stdout + res.stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    if regs is None or spills is None:
-        raise RuntimeError(f"cannot parse ptxas -v output:\n{log}")
-    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+# The JIT's specialisation: torch allocations are 16-byte aligned, so every pointer is
+# 16-divisible; V and the row strides are too when V is a multiple of 16 (32000, 128256),
+# which lets the compiler vectorise row loads (16-byte ld.global.v4). An odd V (50257) gets
+# the same kernel with those hints off: scalar 2/4-byte loads, still coalesced. (The JIT hints
+# V and each stride separately, so a padded buffer can mix the two; these are the two
+# extremes.)
+_ALIGNED_ROW_ARGS = ("x_stride", "grad_stride", "V")
 
 
 def aot_compile_stats(cc: int) -> list[dict]:
@@ -350,27 +266,19 @@ def aot_compile_stats(cc: int) -> list[dict]:
     configuration the launchers use, for ``GPUTarget("cuda", cc, 32)`` (cc = 80 or 90); no
     GPU needed (Triton ships ptxas). Returns one dict per compiled kernel: kernel ("ce_fwd"
     and "ce_fwd_grad": _ce_fwd_kernel with HAS_GRAD False/True; "ce_bwd"), dtype,
-    cc, block_v, aligned (row-alignment specialisation, see _divisibility_attrs), num_warps,
+    cc, block_v, aligned (row-alignment specialisation, see _ALIGNED_ROW_ARGS), num_warps,
     n_regs, n_spills (spill store + load bytes), shared (bytes). Each kernel also has a
     ``_softcap`` variant (SOFTCAP=True).
 
     Must run without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    if not isinstance(_ce_fwd_kernel, JITFunction):
-        raise RuntimeError("aot_compile_stats needs the compiled (not interpreted) kernels: "
-                           "import thresher.kernels.cross_entropy without TRITON_INTERPRET=1")
-    target = GPUTarget("cuda", int(cc), 32)
+    require_compiled(_ce_fwd_kernel, "thresher.kernels.cross_entropy")
     out = []
     for dtype in SUPPORTED_DTYPES:
         for name, fn, sig, constexprs, block_v, num_warps in _aot_specs(dtype):
             for aligned in (True, False):
-                src = ASTSource(fn=fn, signature=sig, constexprs=constexprs,
-                                attrs=_divisibility_attrs(fn, sig, aligned))
-                k = triton.compile(src, target=target, options={"num_warps": num_warps})
-                regs, spill_st, spill_ld = _ptxas_usage(k.asm["ptx"], int(cc))
+                attrs = pointer_attrs(fn, sig, _ALIGNED_ROW_ARGS if aligned else ())
+                k, regs, spill_st, spill_ld = compile_kernel(fn, sig, constexprs, attrs, cc,
+                                                             {"num_warps": num_warps})
                 # Triton fills these only once the kernel is loaded on a GPU; use them then.
                 n_regs = getattr(k, "n_regs", None)
                 n_spills = getattr(k, "n_spills", None)

@@ -5,37 +5,17 @@ Two launchers::
     lowrank_moments(r, m, v, rows, cols, row_stride, col_stride, b1, b2, bc1, bc2, eps, dsum)
     backproject_update(param, a, b, beta, alpha, grad=None, w=None, w_axis=0)
 
-* ``lowrank_moments`` -- one pass over the small projected gradient R (rows = the rank
-  dimension; R, m, v share one strided layout): ``m <- b1 m + (1-b1) r``,
-  ``v <- b2 v + (1-b2) r^2``, ``n = (m/bc1) / (sqrt(v/bc2) + eps)`` written over r, and when
-  ``dsum`` is given the per-column sum over rows of ``v/bc2`` (LoRDO's normaliser). One
-  program owns ``BLOCK_C`` columns and sweeps the rows in ``BLOCK_R``-row tiles, so the
-  column sums need no atomics. Per element 3 loads + 3 stores; for r = 256, q = 5632 bf16
-  that is 8.7 MB, ~2.6 us at 3.35 TB/s.
-* ``backproject_update`` -- the back-projection GEMM with the whole parameter update in its
-  epilogue::
-
-      param <- beta * param + alpha * (a @ b) [- grad * w]       (w per column or per row)
-
-  a: M x K, b: K x N (K = the rank, any strides: side "left" is ``Q @ N``, side "right"
-  ``N @ Q^T``), param/grad: M x N with contiguous rows. Each program computes one
-  ``BLOCK_M x BLOCK_N`` tile of ``a @ b`` in fp32 registers, then reads the parameter tile
-  (and the gradient tile in LoRDO mode), writes the parameter tile once, and never
-  materialises the back-projection: full-size traffic is read W + write W (+ read G), the
-  minimum. fp32 operands use ``input_precision="ieee"`` (torch's default fp32 matmul is not
-  TF32 either); bf16/fp16 use tensor cores with fp32 accumulation. At 4096 x 4096, r = 256
-  bf16: 8.6 GFLOP (~9 us at 990 TFLOP/s) against 67 MB of W traffic (~20 us): memory-bound.
-
-Launch configurations (the AOT test compiles exactly these, for sm_80 and sm_90, zero
-spills): moments ``BLOCK_R = 4, BLOCK_C = 128``, 4 warps (4 elements a thread, ~48
-registers; 8 elements spilled for fp16 on sm_80); update ``BLOCK_M = BLOCK_N = 64,
-BLOCK_K = 32``, 8 warps (16 accumulators a thread, 91-128 registers; 4 warps needed up to
-255), 3 pipeline stages.
+``lowrank_moments``: Adam's moments and the normalised update over the small projected
+gradient in one pass; ``backproject_update``: the back-projection GEMM with the whole
+parameter update in its epilogue. The maths, the traffic and the launch configurations:
+docs/kernels.md ("Low-rank Adam step").
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .aot import compile_kernel, pointer_attrs, require_compiled
 
 __all__ = ["lowrank_moments", "backproject_update", "aot_compile_stats", "SUPPORTED_DTYPES",
            "MOMENTS_CONFIG", "UPDATE_CONFIG"]
@@ -114,7 +94,7 @@ def _backproject_update_kernel(p_ptr, a_ptr, b_ptr, g_ptr, w_ptr, M, N, K, sp, s
 
 def lowrank_moments(r, m, v, rows: int, cols: int, row_stride: int, col_stride: int, b1: float,
                     b2: float, bc1: float, bc2: float, eps: float, dsum=None) -> None:
-    """See the module docstring; ``dsum`` (cols,) fp32 or None."""
+    """See docs/kernels.md ("Low-rank Adam step"); ``dsum`` (cols,) fp32 or None."""
     if rows == 0 or cols == 0:
         if dsum is not None:
             dsum.zero_()
@@ -129,7 +109,7 @@ def lowrank_moments(r, m, v, rows: int, cols: int, row_stride: int, col_stride: 
 
 def backproject_update(param, a, b, beta: float, alpha: float, grad=None, w=None,
                        w_axis: int = 0) -> None:
-    """``param <- beta param + alpha (a @ b) [- grad * w]`` in one kernel (module docstring)."""
+    """``param <- beta param + alpha (a @ b) [- grad * w]`` in one kernel (docs/kernels.md)."""
     M, N = param.shape
     K = a.shape[1]
     if param.stride(-1) != 1 or (grad is not None and grad.stride(-1) != 1):
@@ -181,32 +161,16 @@ def _aot_specs(dtype: str):
                {"num_warps": uc["num_warps"], "num_stages": uc["num_stages"]})
 
 
-def _attrs(fn, signature):
-    # torch allocations are 16-byte aligned: every pointer is 16-divisible (the JIT's hint)
-    return {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
-            for k, t in signature.items() if t.startswith("*")}
-
-
 def aot_compile_stats(cc: int) -> list[dict]:
     """AOT-compiles every kernel variant x dtype for ``GPUTarget("cuda", cc, 32)``; one dict
     per compiled kernel: kernel, dtype, cc, num_warps, n_regs, n_spills (bytes), shared.
     Must run without ``TRITON_INTERPRET``."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    from .cross_entropy import _ptxas_usage  # the one ptxas -v parser
-
-    if not isinstance(_moments_kernel, JITFunction):
-        raise RuntimeError("aot_compile_stats needs the compiled (not interpreted) kernels: "
-                           "import thresher.kernels.lowrank without TRITON_INTERPRET=1")
-    target = GPUTarget("cuda", int(cc), 32)
+    require_compiled(_moments_kernel, "thresher.kernels.lowrank")
     out = []
     for dtype in SUPPORTED_DTYPES:
         for name, fn, sig, constexprs, options in _aot_specs(dtype):
-            src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_attrs(fn, sig))
-            k = triton.compile(src, target=target, options=options)
-            regs, st, ld = _ptxas_usage(k.asm["ptx"], int(cc))
+            k, regs, st, ld = compile_kernel(fn, sig, constexprs, pointer_attrs(fn, sig), cc,
+                                             options)
             out.append({"kernel": name, "dtype": dtype, "cc": int(cc),
                         "num_warps": k.metadata.num_warps, "n_regs": regs, "n_spills": st + ld,
                         "shared": k.metadata.shared})

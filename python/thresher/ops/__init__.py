@@ -1,7 +1,7 @@
 """thresher.ops: validated, dispatched, differentiable kernels (one file per op family)."""
 from ._dispatch import BACKEND_NAMES, BackendUnavailableError
 from ._native import native_status
-from thresher.core.checks import IGNORE_INDEX
+from thresher.core.constants import IGNORE_INDEX
 from .compress import (
     dequantize_blockwise,
     quant_nbytes,

@@ -1,50 +1,13 @@
 """Compressed-communication ops: top-k per chunk with fused error feedback, blockwise 8/4/2-bit
 quantisers, value and index bit-packing, and the decoders (decode-and-accumulate).
 
-Public API (exported from ``thresher.ops``)::
-
-    topk_encode(x, error=None, *, k=64, chunk=4096, bits=2, backend="auto") -> payload (uint8)
-    topk_decode(payload, numel, *, k=64, chunk=4096, bits=2, out=None, count=None,
-                backend="auto") -> out (float32, accumulated into when given)
-    quantize_blockwise(x, error=None, *, bits=8, block=256, scaling="absmax", backend="auto")
-    dequantize_blockwise(payload, numel, *, bits=8, block=256, scaling="absmax", out=None,
-                         backend="auto")
-    topk_nbytes(numel, k, chunk, bits), quant_nbytes(numel, bits, block, scaling),
-    index_bits(chunk), pack_bits / unpack_bits, pack_indices / unpack_indices
-
-Top-k encode, per chunk of ``chunk`` consecutive elements of the flattened ``x`` (the last
-chunk may be shorter, ``k_c = min(k, its length)``), in ONE pass over the error buffer ``e``
-(float32, updated in place; without ``error`` the op compresses ``x`` itself)::
-
-    e += x                                    # float32
-    S  = the k_c largest |e| (ties: lowest index first), listed in increasing index order
-    scale = max|e| / (L - 1)                  # L = 2^bits; the largest |e| is always in S
-    q_i = clamp(floor(e_i * (0.5 / scale)), -L/2, L/2 - 1) + L/2     for i in S
-    e_i -= (2 q_i + 1 - L) * scale                                   for i in S
-
-i.e. a mid-rise quantiser whose extreme levels are +-max|e| (2 bits: +-max, +-max/3). Every
-operation is one IEEE-rounded float32 step, so every backend (reference, cpu, triton, cuda)
-produces the same bytes and the same ``e`` bit for bit (csrc/common/compress.h says how).
-
-Payload (bytes; records byte aligned, so a chunk can be decoded alone)::
-
-    float32 scale[n_chunks] | codes: ceil(k_c bits / 8) per chunk | indices: ceil(k_c w / 8)
-    per chunk, w = index_bits(chunk) = 12 (chunk <= 4096), 16 (<= 65536) or 32
-
-packed LSB-first. At the default (k=64, chunk=4096, bits=2) a chunk costs 4 + 16 + 96 = 116
-bytes for 16 KiB of fp32: 141x smaller. ``topk_nbytes`` is the exact formula.
-
-Blockwise quantisation (``scaling="absmax"``: offset 0, scale = max|v| / (L - 1);
-``"meanstd"``: offset = mean, scale = sigma * c_b / 2 with the Gaussian-optimal step c_b of
-csrc/common/compress.h; mean and sigma are pairwise float32 sums in a fixed order) codes every
-element of every block; the payload is ``[float32 offset[n_blocks] (meanstd)] | float32
-scale[n_blocks] | codes``. With ``error`` it is error-feedback quantisation (e += x, code e,
-e -= dequantised).
-
-Non-finite inputs: a NaN/inf in ``e + x`` makes its chunk's scale non-finite; the encoders
-then raise ValueError (after ``error`` has been updated: restore it from a copy if needed).
-The decoders raise ValueError for a payload with a non-finite scale or offset (before
-touching ``out``). Meta tensors are refused (ValueError): the ops need the values.
+Public API: ``topk_encode``, ``topk_decode``, ``quantize_blockwise``, ``dequantize_blockwise``,
+``topk_nbytes``, ``quant_nbytes`` (also exported from ``thresher.ops``); from this module also
+``index_bits``, ``pack_bits`` / ``unpack_bits``, ``pack_indices`` / ``unpack_indices`` and the
+payload layouts (``TopKLayout``, ``QuantLayout``: thresher.core.layouts). Every backend
+produces the same bytes and the same error buffer, bit for bit. The maths, the payload formats
+and the non-finite-input rules: docs/kernels.md ("Compression"); signatures:
+docs/interfaces.md.
 """
 from __future__ import annotations
 
@@ -62,8 +25,8 @@ from ._dispatch import (
     triton_available,
     triton_module,
 )
-from thresher.core.checks import check_choice, check_tensor, values_checkable
-from thresher.core.checks import check_has_data
+from thresher.core.checks import check_choice, check_has_data, check_tensor, values_checkable
+from thresher.core.layouts import QuantLayout, TopKLayout, index_bits, packed_nbytes, topk_layout
 
 __all__ = [
     "topk_encode",
@@ -78,6 +41,7 @@ __all__ = [
     "pack_indices",
     "unpack_indices",
     "TopKLayout",
+    "QuantLayout",
     "topk_layout",
     "reference_topk_encode",
     "reference_topk_decode",
@@ -94,41 +58,8 @@ _MEANSTD_HALF_STEP = {2: 0.49785, 4: 0.1676, 8: 0.0154}
 
 
 # ----------------------------------------------------------------------------------------
-# Layouts and byte counts (the exact formulas)
+# Byte counts (the exact formulas; the layouts are thresher.core.layouts')
 # ----------------------------------------------------------------------------------------
-
-
-def index_bits(chunk: int) -> int:
-    """Bits per packed index: 12 for chunks <= 4096, 16 up to 65536, else 32."""
-    return 12 if chunk <= 4096 else (16 if chunk <= 65536 else 32)
-
-
-def _nb(count: int, width: int) -> int:
-    return (count * width + 7) // 8
-
-
-class TopKLayout:
-    """Byte layout of a top-k payload (mirrors csrc/common/compress.h topk_layout)."""
-
-    def __init__(self, n: int, k: int, chunk: int, bits: int):
-        self.n, self.k, self.chunk, self.bits = n, k, chunk, bits
-        self.ibits = index_bits(chunk)
-        self.n_chunks = -(-n // chunk)
-        self.last_len = n - (self.n_chunks - 1) * chunk if self.n_chunks else 0
-        self.k_full = min(k, chunk)
-        self.k_last = min(k, self.last_len)
-        self.vb_full = _nb(self.k_full, bits)
-        self.ib_full = _nb(self.k_full, self.ibits)
-        nfull = max(self.n_chunks - 1, 0)
-        has = self.n_chunks > 0
-        self.values_off = 4 * self.n_chunks
-        self.indices_off = self.values_off + nfull * self.vb_full + (_nb(self.k_last, bits) if has else 0)
-        self.total = self.indices_off + nfull * self.ib_full + (_nb(self.k_last, self.ibits) if has else 0)
-        self.n_selected = nfull * self.k_full + (self.k_last if has else 0)
-
-
-def topk_layout(n: int, k: int, chunk: int, bits: int) -> TopKLayout:
-    return TopKLayout(n, k, chunk, bits)
 
 
 def topk_nbytes(numel: int, k: int = 64, chunk: int = 4096, bits: int = 2) -> int:
@@ -136,21 +67,9 @@ def topk_nbytes(numel: int, k: int = 64, chunk: int = 4096, bits: int = 2) -> in
     return TopKLayout(numel, k, chunk, bits).total
 
 
-class _QuantLayout:
-    def __init__(self, n: int, block: int, bits: int, scaling: str):
-        self.n, self.block, self.bits, self.scaling = n, block, bits, scaling
-        self.n_blocks = -(-n // block)
-        self.last_len = n - (self.n_blocks - 1) * block if self.n_blocks else 0
-        self.vb_full = _nb(block, bits)
-        self.scale_off = 4 * self.n_blocks if scaling == "meanstd" else 0
-        self.codes_off = self.scale_off + 4 * self.n_blocks
-        self.total = self.codes_off + ((self.n_blocks - 1) * self.vb_full
-                                       + _nb(self.last_len, bits) if self.n_blocks else 0)
-
-
 def quant_nbytes(numel: int, bits: int = 8, block: int = 256, scaling: str = "absmax") -> int:
     """Exact payload bytes: ``4 n_blocks (x2 for meanstd) + sum_b ceil(len_b bits / 8)``."""
-    return _QuantLayout(numel, block, bits, scaling).total
+    return QuantLayout(numel, block, bits, scaling).total
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,7 +81,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Packs the last dim of ``codes`` (integers < 2^bits, bits in 1..32) LSB-first into
     ``ceil(m bits / 8)`` uint8 per row (rows are packed independently)."""
     lead, m = tuple(codes.shape[:-1]), codes.size(-1)
-    nbytes = _nb(m, bits)
+    nbytes = packed_nbytes(m, bits)
     c = codes.reshape(-1, m).to(torch.int64)
     if bits in (1, 2, 4, 8):
         per = 8 // bits
@@ -325,7 +244,7 @@ def _pairwise_sum(t: Tensor) -> Tensor:
     return t[:, 0]
 
 
-def _quant_stats(vp: Tensor, lay: _QuantLayout, dev):
+def _quant_stats(vp: Tensor, lay: QuantLayout, dev):
     nb, B, bits = lay.n_blocks, lay.block, lay.bits
     lens = torch.full((nb,), B, dtype=torch.float32, device=dev)
     lens[-1] = lay.last_len
@@ -343,7 +262,7 @@ def _quant_stats(vp: Tensor, lay: _QuantLayout, dev):
 
 
 def reference_quant_encode(x: Tensor, error: Tensor | None, bits: int, block: int, scaling: str) -> Tensor:
-    lay = _QuantLayout(x.numel(), block, bits, scaling)
+    lay = QuantLayout(x.numel(), block, bits, scaling)
     n, nb, dev = lay.n, lay.n_blocks, x.device
     if nb == 0:
         return torch.empty(0, dtype=torch.uint8, device=dev)
@@ -363,7 +282,7 @@ def reference_quant_encode(x: Tensor, error: Tensor | None, bits: int, block: in
     return torch.cat(parts)
 
 
-def reference_quant_decode(payload: Tensor, lay: _QuantLayout, out: Tensor) -> None:
+def reference_quant_decode(payload: Tensor, lay: QuantLayout, out: Tensor) -> None:
     nb, B, bits = lay.n_blocks, lay.block, lay.bits
     if nb == 0:
         return
@@ -551,7 +470,7 @@ def _(x, error, bits, block, scaling, backend):
 @torch.library.custom_op("thresher::quant_decode_add", mutates_args=("out",))
 def _quant_decode_op(payload: Tensor, out: Tensor, bits: int, block: int, scaling: str,
                      backend: str) -> None:
-    lay = _QuantLayout(out.numel(), block, bits, scaling)
+    lay = QuantLayout(out.numel(), block, bits, scaling)
     if lay.n_blocks:
         _KERNELS[backend][3](payload, lay, out)
 
@@ -631,7 +550,7 @@ def _flat_x(x: Tensor) -> Tensor:
 
 def topk_encode(x: Tensor, error: Tensor | None = None, *, k: int = 64, chunk: int = 4096,
                 bits: int = 2, backend: str = "auto") -> Tensor:
-    """Top-k per chunk + quantisation + error feedback + packing (module docstring). Returns
+    """Top-k per chunk + quantisation + error feedback + packing (docs/kernels.md). Returns
     the payload (1-D uint8 of exactly ``topk_nbytes(x.numel(), k, chunk, bits)`` bytes);
     ``error`` (float32, as many elements as ``x``, contiguous) is updated in place."""
     check_tensor("x", x, dtypes=X_DTYPES)
