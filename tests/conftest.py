@@ -19,15 +19,7 @@ Two fixtures, both filled by ``pytest_generate_tests`` below:
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from typing import NamedTuple
-
-# `python -m pytest` puts the working directory (the repository root) first on sys.path; the
-# repository's kernels/ folder (installed as thresher.kernels) would then shadow the HF
-# `kernels` package that transformers imports. thresher is imported from its install.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "python").rglob("*.py"),
-           *(ROOT / "kernels").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+           *(ROOT / "benchmarks").glob("*.py"),
            *(ROOT / "csrc").rglob("*.[ch]*")]
 DOC_PATH = re.compile(r"\bdocs/[\w./-]+?\.md\b")
 MD_LINK = re.compile(r"\]\(([\w./-]+\.md)(?:#[\w-]*)?\)")

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TREES = {"thresher": ROOT / "python" / "thresher", "thresher.kernels": ROOT / "kernels"}
+TREES = {"thresher": ROOT / "python" / "thresher"}
 
 
 def _modules() -> dict[str, Path]:
