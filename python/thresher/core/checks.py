@@ -124,6 +124,11 @@ def check_int(name: str, v, lo: int = 1) -> int:
     return int(v)
 
 
+def check_optional_int(name: str, v, lo: int = 1) -> int | None:
+    """None (the caller's "not set"), or :func:`check_int`'s integer >= ``lo``."""
+    return None if v is None else check_int(name, v, lo)
+
+
 def check_float(name: str, v, lo: float = -math.inf, hi: float = math.inf,
                 lo_open: bool = False) -> float:
     """A finite number in [lo, hi] ((lo, hi] with ``lo_open``)."""
