@@ -1,41 +1,11 @@
-"""Corpus readers and writers: jsonl, parquet, a folder of text files, a single text file,
-and HF ``datasets`` saved to disk.
+"""Corpus readers and writers: jsonl, parquet, a folder of text files, a single text file
+(cut into documents by a ``split`` rule) and HF ``datasets`` saved to disk.
 
-Every reader streams (one jsonl line, one parquet row group, one file or one text chunk at a
-time), so a pool larger than memory can be read, tokenised and written back. A document's
-``id`` is its position in the read order (0, 1, ...), which is what the sample -> document
-map of :func:`thresher.data.pack` refers to, so a selection (a set of ids) is applied by
-reading the same source again and keeping those ids (:func:`write_selected`).
-
-Formats (:func:`detect_format`):
-
-* ``jsonl`` (``.jsonl``, ``.ndjson``, ``.json``): one JSON object per line; the text is the
-  field ``text_field``; every other field goes to ``Document.meta`` and is written back.
-* ``parquet`` (``.parquet``): the column ``text_field`` is the text, the other columns go to
-  ``meta``; read row group by row group; written back with the source's schema.
-* ``txt`` (``.txt``, ``.text``, ``.md``, ``.rst``): one file cut into documents by ``split``:
-
-  - ``"wikitext"``: an article starts at a line `` = Title = `` (exactly one ``=`` each side:
-    WikiText's level-1 heading; `` = = Section = = `` lines stay inside the article). Text
-    before the first heading is a document only if it is not blank.
-  - ``"paragraph"`` / ``"paragraph:N"``: blocks separated by blank (whitespace-only) lines;
-    consecutive blocks are merged until a document holds at least N characters (default
-    1000, so that e.g. Tiny Shakespeare gives a few speeches per document rather than one
-    line each). The merge is greedy, so re-reading a written subset gives the same
-    documents (each written document reaches N exactly where it did, only the file's last
-    document may be shorter and it stays last).
-  - ``"lines:N"``: chunks of N lines.
-  - ``"file"``: the whole file is one document.
-  - ``"auto"`` (default): ``"wikitext"`` if one of the file's first 10,000 lines is a
-    level-1 WikiText heading, else ``"paragraph:1000"``.
-
-  A document's text is its lines exactly as in the file, without the final line break;
-  written documents are joined by one line break (wikitext, lines, file) or by one blank
-  line (paragraph).
-* ``folder``: a directory of text files (``.txt``, ``.text``, ``.md``, ``.rst``, searched
-  recursively, sorted by relative path); one file is one document, ``meta["path"]`` its
-  relative path; written back by copying the files.
-* ``hf``: a directory written by ``datasets.Dataset.save_to_disk`` (optional dependency).
+Every reader streams, and a document's id is its position in the read order, so a selection
+(a set of ids) is written by reading the source again (:func:`write_selected`). Writers keep
+the source's details (schema, features, files, split rule), write atomically and refuse to
+overwrite a non-empty folder unless asked. The formats, the split rules and what is kept:
+docs/data.md §1.
 """
 from __future__ import annotations
 
@@ -178,7 +148,7 @@ def read_documents(
     """Stream the documents of ``path``.
 
     ``text_field`` names the text field (jsonl), column (parquet, hf); ``split`` the rule
-    that cuts a single text file into documents (see the module doc); ``hf_split`` picks a
+    that cuts a single text file into documents (docs/data.md §1); ``hf_split`` picks a
     split of a saved ``DatasetDict``. The path, format and field are checked before the
     first document is read, so errors surface at the call."""
     p = Path(path)

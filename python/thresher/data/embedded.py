@@ -1,35 +1,8 @@
-"""The embedded default corpus: built at run time from text every Python installation has,
-so the main job runs on a fresh machine with no download.
-
-Clean text comes from three sources of the running Python:
-
-* ``topic``: the ``pydoc_data.topics`` help topics (the language reference in prose),
-* ``docstring``: docstrings of standard-library modules, classes and functions, read from
-  the source with ``ast`` (nothing is imported),
-* ``code``: the standard-library source itself, cut at top-level definitions.
-
-A *unit* is one topic or one module file. Units are shuffled with the seed and assigned
-whole to the target split or to the pool, so target documents are held out: no chunk of a
-target module or topic is in the pool. Both splits draw from the same mix of sources, so
-the clean pool documents resemble the target distribution. Then a fraction of the pool
-(``corrupt_fraction``, default 0.5) is corrupted, each document by one kind, in equal
-shares:
-
-* ``shuffled``: its words in random order (same vocabulary, no syntax),
-* ``char_noise``: 25% of its characters replaced by random printable characters,
-* ``repeated``: one to three of its lines repeated until the original length,
-* ``boilerplate``: web boilerplate (cookie banners, navigation, share buttons, legal text),
-* ``random_bytes``: random bytes shown as Latin-1 text.
-
-``Corpus.labels[i]`` is True for a corrupted pool document, ``Corpus.kinds[i]`` its kind
-("" when clean). Everything is deterministic from ``seed`` (numpy generators and sorted
-file lists; Python's salted ``hash`` is never used) for a given Python installation.
-
-Sizes: ``"quick"`` (1,500 pool / 300 target documents, ~1.7 MB of pool text) for fast
-demos and tests, ``"default"`` (5,000 / 1,000, ~5.5 MB); an integer asks for that many pool
-documents (target = pool / 5). Documents are 200--1,500 characters. At most a few
-documents are taken per unit and source (``MAX_DOCS_PER_UNIT``, times 3 for "default"),
-spread evenly over the unit, so many modules and topics contribute.
+"""The embedded default corpus, built at run time from the running Python's help topics,
+standard-library docstrings and source (no download): whole units (a topic or a module) go
+to the held-out target or to the pool, and a share of the pool is corrupted in one of the
+``CORRUPTION_KINDS`` ways, labelled in ``Corpus.labels``/``Corpus.kinds``. Deterministic
+from ``seed`` for a given Python installation. Sources, corruptions and sizes: docs/data.md §4.
 """
 from __future__ import annotations
 
@@ -275,7 +248,7 @@ def embedded_size_arg(text: str):
 
 
 def embedded_corpus(seed: int = 0, size: str | int = "default", *, corrupt_fraction: float = 0.5) -> Corpus:
-    """Build the embedded corpus (see the module doc). Deterministic from ``seed``."""
+    """Build the embedded corpus (docs/data.md §4). Deterministic from ``seed``."""
     if isinstance(size, str):
         if size not in EMBEDDED_SIZES:
             raise ValueError(f"size must be one of {tuple(EMBEDDED_SIZES)} or an integer, got {size!r}")

@@ -1,18 +1,9 @@
-"""Packing documents into fixed-length samples with an exact sample -> (document, offset) map.
-
-No packing across documents: a document's tokens plus one ``eos`` are cut into chunks of
-``seq_len`` tokens; the last chunk is padded with ``pad_id`` and its pad positions get label
--100. A sample therefore belongs to exactly one document, and a score given to a sample is a
-score of (part of) that document. A tail chunk with fewer than ``min_tokens`` tokens (default
-2: one token has nothing to predict once the model shifts) is dropped, so every sample has
-at least one target; a document whose tokens + eos are shorter than that (an empty text) gets
-no sample and a NaN document score.
-
-Memory: ``input_ids`` and ``labels`` are int64, 16 bytes per token slot, e.g. 160 MB for
-10 M slots (80k samples of 128). A pool larger than memory is packed with ``pack(...,
-out=DIR)``: each batch of documents goes straight to disk and the result is memory-mapped
-(``Samples.load(DIR, mmap=True)``; the tensors share the mapped pages, which the OS loads as
-batches are indexed), so memory stays at one batch of documents.
+"""Packing documents into fixed-length samples (:class:`Samples`) with an exact
+sample -> (document, offset) map: no packing across documents, so a sample's score is a
+score of its document, and :meth:`Samples.doc_scores` / :func:`reduce_by_document` reduce
+sample scores to document scores. ``pack(..., out=DIR)`` writes to disk as it goes, for
+pools larger than memory. The rules (padding, dropped tails, ids), the reductions and the
+memory: docs/data.md §3.
 """
 from __future__ import annotations
 
