@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from thresher.core.checks import check_choice, check_optional_int
 from thresher.core.files import atomic_open, atomic_tmp_path, commit
 
 __all__ = [
@@ -153,8 +154,7 @@ def read_documents(
     first document is read, so errors surface at the call."""
     p = Path(path)
     fmt = format or detect_format(p)
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    check_choice("format", fmt, FORMATS)
     if not p.exists():
         raise FileNotFoundError(f"corpus path does not exist: {str(path)!r}")
     if not isinstance(text_field, str) or not text_field:
@@ -334,8 +334,7 @@ def _load_hf(p: Path, hf_split: str | None):
                 hf_split = "train"
             else:
                 raise ValueError(f"{p}: a DatasetDict with splits {names}; pass hf_split=")
-        if hf_split not in ds:
-            raise ValueError(f"hf_split must be one of {names}, got {hf_split!r}")
+        check_choice("hf_split", hf_split, names)
         ds = ds[hf_split]
     return ds
 
@@ -560,7 +559,11 @@ def write_selected(
     ids to other documents) before the output is committed: on a mismatch ``out`` is left as
     it was."""
     source = Path(source)
-    ids = np.unique(np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64))
+    n_docs = check_optional_int("n_docs", n_docs, 0)
+    ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids))
+    if ids.size and ids.dtype.kind not in "iu":  # (a float would be truncated to another id)
+        raise TypeError(f"ids must be integers (document ids), got dtype {ids.dtype}")
+    ids = np.unique(ids.astype(np.int64))
     fmt = detect_format(source)
     if fmt == "txt":
         split = resolve_split(source, split)

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from thresher.core.checks import check_int
 from thresher.core.files import atomic_tmp_path, commit
 
 __all__ = ["Tokenizer", "load_tokenizer", "default_cache_dir", "MAX_RUN_CHARS"]
@@ -109,8 +110,8 @@ def _train_bpe(train_docs, vocab_size: int, cache_dir, max_train_chars: int) -> 
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    if not isinstance(vocab_size, int) or vocab_size < 258 + 2:
-        raise ValueError(f"vocab_size must be an integer >= 260 for a byte-level BPE, got {vocab_size!r}")
+    vocab_size = check_int("vocab_size", vocab_size, 258 + 2)
+    max_train_chars = check_int("max_train_chars", max_train_chars, 1)
     texts, total = [], 0
     h = hashlib.sha256(f"{_BPE_RECIPE}|{vocab_size}|{tokenizers.__version__}|".encode())
     for d in train_docs:
