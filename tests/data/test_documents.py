@@ -188,6 +188,13 @@ def test_write_selected_every_format(tmp_path):
     assert not (tmp_path / "s2.jsonl").exists()
     with pytest.raises(ValueError, match="ids must be in"):
         write_selected(jl, [9], tmp_path / "s3.jsonl")
+    with pytest.raises(TypeError, match="ids must be integers"):  # (a float was truncated)
+        write_selected(jl, [0.5, 3.0], tmp_path / "s3.jsonl")
+    with pytest.raises(TypeError, match="n_docs must be an int"):
+        write_selected(jl, ids, tmp_path / "s3.jsonl", n_docs="6")
+    assert not (tmp_path / "s3.jsonl").exists()
+    write_selected(jl, [], tmp_path / "none.jsonl")  # an empty selection is an empty file
+    assert (tmp_path / "none.jsonl").read_text() == ""
     # format conversion: the out suffix decides
     write_selected(jl, ids, tmp_path / "s.parquet")
     assert pq.read_table(tmp_path / "s.parquet").column("k").to_pylist() == ids
@@ -221,6 +228,8 @@ def test_bad_inputs(tmp_path):
             read_documents(tmp_path / "t.txt", split=bad)
     with pytest.raises(ValueError, match="text_field"):
         read_documents(jl, text_field="")
+    with pytest.raises(ValueError, match="format must be one of"):
+        read_documents(jl, format="csv")
     with pytest.raises(ValueError, match="unknown file type"):
         write_documents([Document(0, "x")], tmp_path / "o.csv")
     assert count_documents(tmp_path / "t.txt") == 1

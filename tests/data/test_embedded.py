@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from thresher.data import CORRUPTION_KINDS, embedded_corpus
+from thresher.data.embedded import corrupt
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +75,20 @@ def test_document_lengths_and_bad_args(corpus):
     assert chars.min() >= 100 and chars.max() <= 2000
     with pytest.raises(ValueError, match="size"):
         embedded_corpus(size="huge")
-    with pytest.raises(ValueError, match="size"):
+    with pytest.raises(ValueError, match="size must be >= 10"):
         embedded_corpus(size=3)
-    with pytest.raises(ValueError, match="corrupt_fraction"):
+    with pytest.raises(TypeError, match="size must be an int"):  # core's check_int
+        embedded_corpus(size=50.0)
+    with pytest.raises(ValueError, match=r"corrupt_fraction must be in \[0.0, 1.0\)"):
         embedded_corpus(size=50, corrupt_fraction=1.0)
+    with pytest.raises(TypeError, match="corrupt_fraction must be a number"):
+        embedded_corpus(size=50, corrupt_fraction="0.5")
     with pytest.raises(TypeError, match="seed"):
         embedded_corpus(seed="0", size=50)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        embedded_corpus(seed=-1, size=50)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        corrupt("text", "reversed", np.random.default_rng(0))
 
 
 def test_write(tmp_path, corpus):

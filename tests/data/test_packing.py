@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from thresher.data import Document, Samples, load_tokenizer, pack
+from thresher.data.packing import reduce_by_document
 
 
 def _docs(seed=0, n=40):
@@ -83,6 +84,12 @@ def test_indexing_save_load(tmp_path):
     assert (t.doc_index == s.doc_index).all() and (t.offset == s.offset).all() and t.n_docs == s.n_docs
     with pytest.raises(FileNotFoundError, match="no saved Samples"):
         Samples.load(tmp_path)
+    with pytest.raises(TypeError, match="input_ids must be a torch.Tensor"):
+        Samples(s.input_ids.numpy(), s.labels, s.doc_index, s.offset)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        Samples(s.input_ids, s.labels[:, :-1], s.doc_index, s.offset)
+    with pytest.raises(TypeError, match="n_docs must be an int"):
+        Samples(s.input_ids, s.labels, s.doc_index, s.offset, n_docs=float(s.n_docs))
 
 
 def test_doc_scores_reductions_float64():
@@ -101,8 +108,10 @@ def test_doc_scores_reductions_float64():
             want = {"mean": x.mean(), "token_mean": (x * w).sum() / w.sum(), "max": x.max(),
                     "min": x.min(), "sum": x.sum()}[reduce]
             assert got[d] == pytest.approx(want, rel=1e-12, abs=1e-12)
-    with pytest.raises(ValueError, match="reduce"):
+    with pytest.raises(ValueError, match="reduce must be one of"):
         s.doc_scores(scores, reduce="median")
+    with pytest.raises(ValueError, match="reduce must be one of"):  # (it used to reduce by min)
+        reduce_by_document(scores, s.doc_index, s.n_docs, "median")
     with pytest.raises(ValueError, match="one per sample"):
         s.doc_scores(scores[:-1])
     bad = scores.copy()
@@ -113,10 +122,16 @@ def test_doc_scores_reductions_float64():
 
 def test_pack_bad_args():
     tok = load_tokenizer("byte")
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):
         pack(["a"], tok, 1)
-    with pytest.raises(ValueError, match="min_tokens"):
+    with pytest.raises(TypeError, match="seq_len must be an int"):  # core's check_int
+        pack(["a"], tok, 8.0)
+    with pytest.raises(ValueError, match=r"min_tokens must be <= seq_len \(4\)"):
         pack(["a"], tok, 4, min_tokens=5)
+    with pytest.raises(ValueError, match="min_tokens must be >= 1"):
+        pack(["a"], tok, 4, min_tokens=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):  # (0 used to pack nothing)
+        pack(["a"], tok, 4, batch_size=0)
     with pytest.raises(ValueError, match="ids must increase"):
         pack([Document(2, "a"), Document(1, "b")], tok, 4)
 

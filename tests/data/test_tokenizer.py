@@ -69,8 +69,12 @@ def test_bad_specs(tmp_path):
         load_tokenizer("bpe")
     with pytest.raises(ValueError, match="no text"):
         load_tokenizer("bpe", ["", ""], cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(ValueError, match="vocab_size must be >= 260"):
         load_tokenizer("bpe", TRAIN, vocab_size=100, cache_dir=tmp_path)
+    with pytest.raises(TypeError, match="vocab_size must be an int"):  # core's check_int
+        load_tokenizer("bpe", TRAIN, vocab_size=300.0, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="max_train_chars must be >= 1"):
+        load_tokenizer("bpe", TRAIN, cache_dir=tmp_path, max_train_chars=0)
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(ValueError, match="not a HF tokenizers file"):
         load_tokenizer(tmp_path / "junk.json")

@@ -8,6 +8,8 @@
   exact sample -> (document, offset) map.
 * :func:`embedded_corpus`: the default corpus built from the running Python's docs and
   source plus labelled corrupted documents, with a held-out target split.
+
+How each part works: docs/data.md.
 """
 from thresher.core.lazy import lazy_exports
 

@@ -1,41 +1,11 @@
-"""Corpus readers and writers: jsonl, parquet, a folder of text files, a single text file,
-and HF ``datasets`` saved to disk.
+"""Corpus readers and writers: jsonl, parquet, a folder of text files, a single text file
+(cut into documents by a ``split`` rule) and HF ``datasets`` saved to disk.
 
-Every reader streams (one jsonl line, one parquet row group, one file or one text chunk at a
-time), so a pool larger than memory can be read, tokenised and written back. A document's
-``id`` is its position in the read order (0, 1, ...), which is what the sample -> document
-map of :func:`thresher.data.pack` refers to, so a selection (a set of ids) is applied by
-reading the same source again and keeping those ids (:func:`write_selected`).
-
-Formats (:func:`detect_format`):
-
-* ``jsonl`` (``.jsonl``, ``.ndjson``, ``.json``): one JSON object per line; the text is the
-  field ``text_field``; every other field goes to ``Document.meta`` and is written back.
-* ``parquet`` (``.parquet``): the column ``text_field`` is the text, the other columns go to
-  ``meta``; read row group by row group; written back with the source's schema.
-* ``txt`` (``.txt``, ``.text``, ``.md``, ``.rst``): one file cut into documents by ``split``:
-
-  - ``"wikitext"``: an article starts at a line `` = Title = `` (exactly one ``=`` each side:
-    WikiText's level-1 heading; `` = = Section = = `` lines stay inside the article). Text
-    before the first heading is a document only if it is not blank.
-  - ``"paragraph"`` / ``"paragraph:N"``: blocks separated by blank (whitespace-only) lines;
-    consecutive blocks are merged until a document holds at least N characters (default
-    1000, so that e.g. Tiny Shakespeare gives a few speeches per document rather than one
-    line each). The merge is greedy, so re-reading a written subset gives the same
-    documents (each written document reaches N exactly where it did, only the file's last
-    document may be shorter and it stays last).
-  - ``"lines:N"``: chunks of N lines.
-  - ``"file"``: the whole file is one document.
-  - ``"auto"`` (default): ``"wikitext"`` if one of the file's first 10,000 lines is a
-    level-1 WikiText heading, else ``"paragraph:1000"``.
-
-  A document's text is its lines exactly as in the file, without the final line break;
-  written documents are joined by one line break (wikitext, lines, file) or by one blank
-  line (paragraph).
-* ``folder``: a directory of text files (``.txt``, ``.text``, ``.md``, ``.rst``, searched
-  recursively, sorted by relative path); one file is one document, ``meta["path"]`` its
-  relative path; written back by copying the files.
-* ``hf``: a directory written by ``datasets.Dataset.save_to_disk`` (optional dependency).
+Every reader streams, and a document's id is its position in the read order, so a selection
+(a set of ids) is written by reading the source again (:func:`write_selected`). Writers keep
+the source's details (schema, features, files, split rule), write atomically and refuse to
+overwrite a non-empty folder unless asked. The formats, the split rules and what is kept:
+docs/data.md §1.
 """
 from __future__ import annotations
 
@@ -50,6 +20,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from thresher.core.checks import check_choice, check_optional_int
 from thresher.core.files import atomic_open, atomic_tmp_path, commit
 
 __all__ = [
@@ -178,13 +149,12 @@ def read_documents(
     """Stream the documents of ``path``.
 
     ``text_field`` names the text field (jsonl), column (parquet, hf); ``split`` the rule
-    that cuts a single text file into documents (see the module doc); ``hf_split`` picks a
+    that cuts a single text file into documents (docs/data.md §1); ``hf_split`` picks a
     split of a saved ``DatasetDict``. The path, format and field are checked before the
     first document is read, so errors surface at the call."""
     p = Path(path)
     fmt = format or detect_format(p)
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    check_choice("format", fmt, FORMATS)
     if not p.exists():
         raise FileNotFoundError(f"corpus path does not exist: {str(path)!r}")
     if not isinstance(text_field, str) or not text_field:
@@ -364,8 +334,7 @@ def _load_hf(p: Path, hf_split: str | None):
                 hf_split = "train"
             else:
                 raise ValueError(f"{p}: a DatasetDict with splits {names}; pass hf_split=")
-        if hf_split not in ds:
-            raise ValueError(f"hf_split must be one of {names}, got {hf_split!r}")
+        check_choice("hf_split", hf_split, names)
         ds = ds[hf_split]
     return ds
 
@@ -590,7 +559,11 @@ def write_selected(
     ids to other documents) before the output is committed: on a mismatch ``out`` is left as
     it was."""
     source = Path(source)
-    ids = np.unique(np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64))
+    n_docs = check_optional_int("n_docs", n_docs, 0)
+    ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids))
+    if ids.size and ids.dtype.kind not in "iu":  # (a float would be truncated to another id)
+        raise TypeError(f"ids must be integers (document ids), got dtype {ids.dtype}")
+    ids = np.unique(ids.astype(np.int64))
     fmt = detect_format(source)
     if fmt == "txt":
         split = resolve_split(source, split)

@@ -1,35 +1,8 @@
-"""The embedded default corpus: built at run time from text every Python installation has,
-so the main job runs on a fresh machine with no download.
-
-Clean text comes from three sources of the running Python:
-
-* ``topic``: the ``pydoc_data.topics`` help topics (the language reference in prose),
-* ``docstring``: docstrings of standard-library modules, classes and functions, read from
-  the source with ``ast`` (nothing is imported),
-* ``code``: the standard-library source itself, cut at top-level definitions.
-
-A *unit* is one topic or one module file. Units are shuffled with the seed and assigned
-whole to the target split or to the pool, so target documents are held out: no chunk of a
-target module or topic is in the pool. Both splits draw from the same mix of sources, so
-the clean pool documents resemble the target distribution. Then a fraction of the pool
-(``corrupt_fraction``, default 0.5) is corrupted, each document by one kind, in equal
-shares:
-
-* ``shuffled``: its words in random order (same vocabulary, no syntax),
-* ``char_noise``: 25% of its characters replaced by random printable characters,
-* ``repeated``: one to three of its lines repeated until the original length,
-* ``boilerplate``: web boilerplate (cookie banners, navigation, share buttons, legal text),
-* ``random_bytes``: random bytes shown as Latin-1 text.
-
-``Corpus.labels[i]`` is True for a corrupted pool document, ``Corpus.kinds[i]`` its kind
-("" when clean). Everything is deterministic from ``seed`` (numpy generators and sorted
-file lists; Python's salted ``hash`` is never used) for a given Python installation.
-
-Sizes: ``"quick"`` (1,500 pool / 300 target documents, ~1.7 MB of pool text) for fast
-demos and tests, ``"default"`` (5,000 / 1,000, ~5.5 MB); an integer asks for that many pool
-documents (target = pool / 5). Documents are 200--1,500 characters. At most a few
-documents are taken per unit and source (``MAX_DOCS_PER_UNIT``, times 3 for "default"),
-spread evenly over the unit, so many modules and topics contribute.
+"""The embedded default corpus, built at run time from the running Python's help topics,
+standard-library docstrings and source (no download): whole units (a topic or a module) go
+to the held-out target or to the pool, and a share of the pool is corrupted in one of the
+``CORRUPTION_KINDS`` ways, labelled in ``Corpus.labels``/``Corpus.kinds``. Deterministic
+from ``seed`` for a given Python installation. Sources, corruptions and sizes: docs/data.md §4.
 """
 from __future__ import annotations
 
@@ -41,6 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from thresher.core.checks import check_choice, check_finite_range, check_int
 
 from .documents import Document, write_documents
 
@@ -223,6 +198,7 @@ _BOILERPLATE = (
 def corrupt(text: str, kind: str, rng: np.random.Generator) -> str:
     """``text`` damaged in one of the ``CORRUPTION_KINDS`` ways (the embedded corpus's
     corrupted documents; the experiments corrupt other corpora with it)."""
+    check_choice("kind", kind, CORRUPTION_KINDS)
     n = len(text)
     if kind == "shuffled":
         words = text.split()
@@ -249,13 +225,11 @@ def corrupt(text: str, kind: str, rng: np.random.Generator) -> str:
             out.append(line.format(year=int(rng.integers(1998, 2026)), n=int(rng.integers(2, 500)),
                                    m=int(rng.integers(500, 999))))
         return "\n".join(out)
-    if kind == "random_bytes":
-        # printable Latin-1 (no C0/C1 control characters) with a line break every ~80
-        v = rng.integers(0, 95 + 96, size=n)  # 95 codes in 32..126, 96 in 160..255
-        b = np.where(v < 95, 32 + v, 160 + v - 95)
-        b[rng.random(n) < 1 / 80] = 10
-        return bytes(b.astype(np.uint8).tolist()).decode("latin-1")
-    raise ValueError(f"kind must be one of {CORRUPTION_KINDS}, got {kind!r}")
+    # random_bytes: printable Latin-1 (no C0/C1 control characters) with a line break every ~80
+    v = rng.integers(0, 95 + 96, size=n)  # 95 codes in 32..126, 96 in 160..255
+    b = np.where(v < 95, 32 + v, 160 + v - 95)
+    b[rng.random(n) < 1 / 80] = 10
+    return bytes(b.astype(np.uint8).tolist()).decode("latin-1")
 
 
 # ----------------------------------------------------------------------------------------
@@ -275,21 +249,19 @@ def embedded_size_arg(text: str):
 
 
 def embedded_corpus(seed: int = 0, size: str | int = "default", *, corrupt_fraction: float = 0.5) -> Corpus:
-    """Build the embedded corpus (see the module doc). Deterministic from ``seed``."""
+    """Build the embedded corpus (docs/data.md §4). Deterministic from ``seed``."""
     if isinstance(size, str):
-        if size not in EMBEDDED_SIZES:
-            raise ValueError(f"size must be one of {tuple(EMBEDDED_SIZES)} or an integer, got {size!r}")
+        if size not in EMBEDDED_SIZES:  # (a name or a number: no single core check says both)
+            raise ValueError(f"size must be one of {tuple(EMBEDDED_SIZES)} or an integer >= 10, "
+                             f"got {size!r}")
         n_pool, n_target, scale = EMBEDDED_SIZES[size]
-    elif isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size >= 10:
-        n_pool, n_target = int(size), max(2, int(size) // 5)
-        scale = -(-(n_pool + n_target) // 3000)
     else:
-        raise ValueError(f"size must be one of {tuple(EMBEDDED_SIZES)} or an integer >= 10, got {size!r}")
-    if not isinstance(corrupt_fraction, (int, float)) or not 0.0 <= corrupt_fraction < 1.0:
-        raise ValueError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
-    rng = np.random.default_rng([int(seed), 0x7E5])
+        n_pool = check_int("size", size, 10)
+        n_target = max(2, n_pool // 5)
+        scale = -(-(n_pool + n_target) // 3000)
+    check_finite_range("corrupt_fraction", corrupt_fraction, 0.0, 1.0, hi_open=True)
+    seed = check_int("seed", seed, 0)
+    rng = np.random.default_rng([seed, 0x7E5])
     target_share = n_target / (n_pool + n_target)
     pool_raw: list[tuple[str, str, str]] = []  # (source, unit, text)
     target_raw: list[tuple[str, str, str]] = []
@@ -334,4 +306,4 @@ def embedded_corpus(seed: int = 0, size: str | int = "default", *, corrupt_fract
     info = {"units": units_seen, "pool_chars": sum(len(d.text) for d in pool),
             "target_chars": sum(len(d.text) for d in target), "corrupt_fraction": corrupt_fraction}
     return Corpus(pool, target, kinds.astype(str) != "", kinds.astype(str), np.array(sources, dtype=str),
-                  int(seed), size, info)
+                  seed, size, info)

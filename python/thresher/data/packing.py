@@ -1,18 +1,9 @@
-"""Packing documents into fixed-length samples with an exact sample -> (document, offset) map.
-
-No packing across documents: a document's tokens plus one ``eos`` are cut into chunks of
-``seq_len`` tokens; the last chunk is padded with ``pad_id`` and its pad positions get label
--100. A sample therefore belongs to exactly one document, and a score given to a sample is a
-score of (part of) that document. A tail chunk with fewer than ``min_tokens`` tokens (default
-2: one token has nothing to predict once the model shifts) is dropped, so every sample has
-at least one target; a document whose tokens + eos are shorter than that (an empty text) gets
-no sample and a NaN document score.
-
-Memory: ``input_ids`` and ``labels`` are int64, 16 bytes per token slot, e.g. 160 MB for
-10 M slots (80k samples of 128). A pool larger than memory is packed with ``pack(...,
-out=DIR)``: each batch of documents goes straight to disk and the result is memory-mapped
-(``Samples.load(DIR, mmap=True)``; the tensors share the mapped pages, which the OS loads as
-batches are indexed), so memory stays at one batch of documents.
+"""Packing documents into fixed-length samples (:class:`Samples`) with an exact
+sample -> (document, offset) map: no packing across documents, so a sample's score is a
+score of its document, and :meth:`Samples.doc_scores` / :func:`reduce_by_document` reduce
+sample scores to document scores. ``pack(..., out=DIR)`` writes to disk as it goes, for
+pools larger than memory. The rules (padding, dropped tails, ids), the reductions and the
+memory: docs/data.md §3.
 """
 from __future__ import annotations
 
@@ -25,14 +16,14 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from thresher.core.checks import IGNORE_INDEX
-
+from thresher.core.checks import check_choice, check_int, check_optional_int, check_tensor
+from thresher.core.constants import DOCUMENT_REDUCTIONS, IGNORE_INDEX
 from thresher.core.files import save_json, save_npy
+
 from .documents import Document
 
-__all__ = ["Samples", "pack"]
+__all__ = ["Samples", "pack", "reduce_by_document"]
 
-_REDUCTIONS = ("mean", "token_mean", "max", "min", "sum")
 _FORMAT_VERSION = 1
 _ARRAYS = ("input_ids", "labels", "doc_index", "offset", "lengths")  # all int64 .npy
 
@@ -54,10 +45,9 @@ class Samples:
 
     def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_index, offset,
                  lengths=None, n_docs: int | None = None):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a 2-D tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
-            raise ValueError(f"labels must be a tensor of shape {tuple(input_ids.shape)}")
+        check_tensor("input_ids", input_ids, ndim=2)
+        check_tensor("labels", labels, shape=tuple(input_ids.shape))
+        n_docs = check_optional_int("n_docs", n_docs, 0)
         n = input_ids.shape[0]
         self.input_ids = input_ids.long()  # no copy when already int64 (e.g. memory-mapped)
         self.labels = labels.long()
@@ -112,9 +102,8 @@ class Samples:
     def doc_scores(self, scores, reduce: str = "mean") -> np.ndarray:
         """Per-document scores (float64, length ``n_docs``; NaN for a document without a
         sample) from per-sample scores. ``reduce``: "mean" (of its samples), "token_mean"
-        (weighted by real tokens), "max", "min", "sum"."""
-        if reduce not in _REDUCTIONS:
-            raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+        (weighted by real tokens), "max", "min", "sum" (``DOCUMENT_REDUCTIONS``, checked by
+        :func:`reduce_by_document`)."""
         s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
         if s.shape != (len(self),):
             raise ValueError(f"scores must have shape ({len(self)},) (one per sample), got {s.shape}")
@@ -147,7 +136,9 @@ class Samples:
 
 def reduce_by_document(s: np.ndarray, doc_index: np.ndarray, n_docs: int, reduce: str,
                        lengths: np.ndarray | None = None) -> np.ndarray:
-    """Scatter-reduce per-sample values ``s`` to documents (NaN where a document has none)."""
+    """Scatter-reduce per-sample values ``s`` to documents (NaN where a document has none);
+    ``reduce`` is one of ``DOCUMENT_REDUCTIONS``."""
+    check_choice("reduce", reduce, DOCUMENT_REDUCTIONS)
     count = np.bincount(doc_index, minlength=n_docs)
     out = np.full(n_docs, np.nan)
     has = count > 0
@@ -235,10 +226,10 @@ def pack(docs: Iterable[Document | str], tokenizer, seq_len: int, *, batch_size:
     A document's id is its ``Document.id`` (strings: their position); ids must increase.
     ``out``: write the samples to that folder as they are made and return them
     memory-mapped (for pools larger than memory; the folder is what ``Samples.save`` writes)."""
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-    if not isinstance(min_tokens, int) or not 1 <= min_tokens <= seq_len:
-        raise ValueError(f"min_tokens must be an integer in [1, seq_len], got {min_tokens!r}")
+    seq_len = check_int("seq_len", seq_len, 2)
+    if check_int("min_tokens", min_tokens, 1) > seq_len:
+        raise ValueError(f"min_tokens must be <= seq_len ({seq_len}), got {min_tokens}")
+    batch_size = check_int("batch_size", batch_size, 1)
     sink = _DiskSink(out) if out is not None else _MemorySink()
     try:
         n_docs = _pack_into(sink, docs, tokenizer, seq_len, batch_size, min_tokens, progress, desc)

@@ -1,15 +1,7 @@
 """Run folders and content fingerprints: what keeps a command from silently reusing or
-overwriting data.
-
-* :func:`fingerprint`: a SHA-256 of a file's bytes, or of every file under a folder (relative
-  path, size and bytes), so a cache or a selection keyed on it notices any change of the
-  content, whatever the path or the modification time say.
-* :func:`check_run_folder`: the one rule every command that writes a run folder follows
-  (``thresher score``, ``thresher train``, ``thresher demo``): a folder holding a run is only
-  continued with ``--resume`` and only with the settings it was started with; a non-empty
-  folder without a run is never written into. The settings are recorded (``run.json``,
-  :func:`record_run`) only once the command has validated its inputs, so a mistyped option
-  never blocks the corrected rerun.
+overwriting data. :func:`fingerprint` hashes a file's or a folder's content;
+:func:`check_run_folder` is the rule every command that writes a run folder follows, and
+:func:`record_run` records the settings once the inputs are validated: docs/data.md §5.
 """
 from __future__ import annotations
 

@@ -1,26 +1,7 @@
-"""Tokenisers: a local HF tokenizer, a byte-level BPE trained on the pool (cached), or the
-byte fallback. All offline.
-
-``load_tokenizer(spec, train_docs=None, vocab_size=4096, cache_dir=None)``:
-
-* ``"byte"``: UTF-8 bytes 0..255, ``eos = 256``, ``pad = 257`` (vocab 258). Needs nothing.
-* ``None`` / ``"bpe"``: a byte-level BPE (GPT-2 style pre-tokenisation, HF ``tokenizers``)
-  trained on ``train_docs`` with ``<|endoftext|>`` (id 0) and ``<|pad|>`` (id 1). Training
-  reads at most ``max_train_chars`` characters of the documents (default 20 M: the merges of
-  a 4k vocabulary are settled long before, and this bounds memory for any pool), and the
-  result is cached in ``cache_dir`` (default ``$THRESHER_CACHE`` or ``~/.cache/thresher``)
-  under a SHA-256 of that text, the vocab size and the recipe, so the same pool trains once.
-  Runs of more than ``MAX_RUN_CHARS`` non-space (or space) characters -- base64, minified
-  code, a long line of one letter -- are cut into pieces of that length before the GPT-2
-  split: BPE training and encoding cost grows faster than linearly in a pre-token's length
-  (one 100k-character run: 14 s to train a 1k vocabulary, 0.5 s once cut), and no merge of
-  a small vocabulary is longer anyway. Text round-trips exactly (the cut only adds a token
-  boundary).
-* a path: a ``tokenizer.json`` file, a folder holding one (``tokenizers.Tokenizer.from_file``),
-  or any folder ``transformers.AutoTokenizer`` can load with ``local_files_only=True``.
-  ``eos`` is the tokenizer's end-of-text token (``tokenizer_config.json``'s ``eos_token``
-  or a well-known name); ``pad`` its pad token, else ``eos`` (pad positions are masked by
-  length, never by id).
+"""Tokenisers, all offline: ``"byte"`` (UTF-8 bytes), ``"bpe"`` (a byte-level BPE trained on
+the pool and cached under a hash of its text) or a path to a local HF tokenizer.
+:func:`load_tokenizer` returns a :class:`Tokenizer`. The special tokens, the training cap,
+the cache and the long-run cut: docs/data.md §2.
 """
 from __future__ import annotations
 
@@ -32,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from thresher.core.checks import check_int
 from thresher.core.files import atomic_tmp_path, commit
 
 __all__ = ["Tokenizer", "load_tokenizer", "default_cache_dir", "MAX_RUN_CHARS"]
@@ -103,8 +85,10 @@ def load_tokenizer(
     *,
     max_train_chars: int = 20_000_000,
 ) -> Tokenizer:
-    """See the module doc. ``train_docs``: documents or strings (any iterable; only read for
-    ``"bpe"``)."""
+    """The tokenizer ``spec`` names: ``"byte"``; ``None``/``"bpe"``, a BPE of ``vocab_size``
+    trained on at most ``max_train_chars`` characters of ``train_docs`` (documents or strings,
+    any iterable; only read for ``"bpe"``) and cached in ``cache_dir``; or a path to a local
+    HF tokenizer (docs/data.md §2)."""
     if spec is not None and not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"tokenizer spec must be None, 'bpe', 'byte' or a path, got {type(spec).__name__}")
     if spec == "byte":
@@ -126,8 +110,8 @@ def _train_bpe(train_docs, vocab_size: int, cache_dir, max_train_chars: int) -> 
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    if not isinstance(vocab_size, int) or vocab_size < 258 + 2:
-        raise ValueError(f"vocab_size must be an integer >= 260 for a byte-level BPE, got {vocab_size!r}")
+    vocab_size = check_int("vocab_size", vocab_size, 258 + 2)
+    max_train_chars = check_int("max_train_chars", max_train_chars, 1)
     texts, total = [], 0
     h = hashlib.sha256(f"{_BPE_RECIPE}|{vocab_size}|{tokenizers.__version__}|".encode())
     for d in train_docs:
