@@ -160,7 +160,7 @@ class TopKCodec(Codec):
     def __init__(self, k: int = 64, chunk: int = 4096, bits: int = 2, backend: str = "auto"):
         _int("k", k, 1)
         _int("chunk", chunk, 1)
-        _cops._check_bits(bits)
+        _cops.check_bits(bits)
         self.k, self.chunk, self.bits, self.backend = k, chunk, bits, backend
 
     def settings(self):
@@ -185,7 +185,7 @@ class QuantCodec(Codec):
 
     def __init__(self, bits: int = 8, block: int = 256, scaling: str = "absmax",
                  backend: str = "auto"):
-        _cops._check_bits(bits)
+        _cops.check_bits(bits)
         _int("block", block, 1)
         check_choice("scaling", scaling, _cops.SCALINGS)
         self.bits, self.block, self.scaling, self.backend = bits, block, scaling, backend

@@ -114,3 +114,9 @@ def num_threads() -> int:
 def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
+
+
+def cuda_stream(t: torch.Tensor) -> int:
+    """The handle of the current CUDA stream of ``t``'s device (the CUDA launchers' last
+    argument)."""
+    return torch.cuda.current_stream(t.device).cuda_stream
