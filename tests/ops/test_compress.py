@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from thresher.ops import BackendUnavailableError, _native
+from thresher.ops import _compress_backends as B
 from thresher.ops import compress as C
 
 BACKENDS = ["reference"] + (["cpu"] if _native.cpu_ext() is not None else [])
@@ -439,11 +440,11 @@ def test_opcheck(backend):
     p = C.topk_encode(x, k=8, chunk=256, bits=4, backend=backend)
     q = C.quantize_blockwise(x, bits=4, block=64, scaling="meanstd", backend=backend)
     cases = [
-        (C._topk_encode_op, (x, e.clone(), 8, 256, 4, backend)),
-        (C._topk_encode_op, (x, None, 8, 256, 4, backend)),
-        (C._topk_decode_op, (p, torch.zeros(700), torch.zeros(700, dtype=torch.int32), 8, 256, 4, backend)),
-        (C._quant_encode_op, (x, e.clone(), 4, 64, "meanstd", backend)),
-        (C._quant_decode_op, (q, torch.zeros(700), 4, 64, "meanstd", backend)),
+        (B.topk_encode_op, (x, e.clone(), 8, 256, 4, backend)),
+        (B.topk_encode_op, (x, None, 8, 256, 4, backend)),
+        (B.topk_decode_op, (p, torch.zeros(700), torch.zeros(700, dtype=torch.int32), 8, 256, 4, backend)),
+        (B.quant_encode_op, (x, e.clone(), 4, 64, "meanstd", backend)),
+        (B.quant_decode_op, (q, torch.zeros(700), 4, 64, "meanstd", backend)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

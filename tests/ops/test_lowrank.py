@@ -17,7 +17,7 @@ import torch
 
 from thresher.ops import BackendUnavailableError
 from thresher.ops._dispatch import extension_available
-from thresher.ops import lowrank as L
+from thresher.ops import _lowrank_backends, lowrank as L
 from thresher.ops.lowrank import (
     METHODS,
     choose_side,
@@ -169,7 +169,7 @@ def test_refresh_bad_inputs():
 def test_exact_refresh_runs_lapack_single_threaded_on_cpu(monkeypatch):
     """The exact path's SVD runs on one thread like the other factorisations: on shared cores
     a 2-thread LAPACK SVD took 9-13x longer than a 1-thread one, which made the exact
-    refresh measure 0.2-0.7x galore-torch's (see _lapack_threads)."""
+    refresh measure 0.2-0.7x galore-torch's (docs/kernels.md, "Basis refresh")."""
     seen = []
     svd = torch.linalg.svd
 
@@ -462,7 +462,7 @@ def test_opcheck(lordo):
     backend = "cpu" if HAVE_C else "reference"
     args = (W, G, Q, m, v, E, "left", 2, 0.1, 0.9, 0.99, 1e-8, 0.01, 0.5,
             0.3 if lordo else 0.0, 1.0, backend)
-    torch.library.opcheck(L._lowrank_adam_step_op, args)
+    torch.library.opcheck(_lowrank_backends.lowrank_adam_step_op, args)
 
 
 def test_torch_compile_fullgraph():

@@ -1,5 +1,5 @@
 """The compression payload layouts (thresher.core.layouts), which the ops and the Triton
-launchers share, and the one-module-per-job split of the cross-entropy op."""
+launchers share, and the one-module-per-job split of the op families."""
 from __future__ import annotations
 
 import subprocess
@@ -58,8 +58,17 @@ def test_packed_nbytes_and_index_bits():
     assert [layouts.index_bits(c) for c in (1, 4096, 4097, 65536, 65537)] == [12, 12, 16, 16, 32]
 
 
-def test_cross_entropy_has_one_dispatcher():
-    from thresher.ops import _ce_autograd, cross_entropy
+@pytest.mark.parametrize("family, prefix, reference", [
+    ("cross_entropy", "_ce", "reference_cross_entropy_rows"),
+    ("lowrank", "_lowrank", "reference_lowrank_adam_step"),
+    ("compress", "_compress", "reference_topk_encode"),
+])
+def test_each_family_is_split_by_job(family, prefix, reference):
+    # the public module re-exports the one dispatcher (tests/conftest.py reads
+    # thresher.ops.<family>.DISPATCH) and the reference, each from its own module
+    import importlib
 
-    assert cross_entropy.DISPATCH is _ce_autograd.DISPATCH
-    assert cross_entropy.reference_cross_entropy_rows.__module__ == "thresher.ops._ce_reference"
+    public = importlib.import_module(f"thresher.ops.{family}")
+    backends = importlib.import_module(f"thresher.ops.{prefix}_backends")
+    assert public.DISPATCH is backends.DISPATCH
+    assert getattr(public, reference).__module__ == f"thresher.ops.{prefix}_reference"

@@ -1,19 +1,8 @@
-"""Compression codecs: ``TopKCodec``, ``QuantCodec``, ``LowRankCodec``.
-
-Every codec has the same surface::
-
-    packed = codec.encode(x, error=e)    # e (float32, like x) updated in place when given
-    y = codec.decode(packed)             # a new tensor shaped and typed like x
-    codec.decode(packed, out=acc)        # acc += decoded (any float dtype / shape of numel n)
-    packed.nbytes == codec.nbytes(x.shape)    # exact bytes on the wire
-    packed.data                          # the message: one 1-D uint8 tensor
-    codec.unpack(data, shape, dtype)     # a Packed from a received message
-
-With ``error`` every codec does error feedback: ``e += x``; encode ``e``; ``e -= decoded``,
-so ``decoded + e_new == e_old + x`` (to float32 rounding of the subtraction): nothing is lost,
-only delayed. The messages carry no header: the receiver knows the codec and the tensor shape
-(every rank compresses the same parameters), so ``nbytes`` is the payload itself.
-"""
+"""Compression codecs: ``TopKCodec``, ``QuantCodec``, ``LowRankCodec``, on the ops of
+thresher.ops.compress and thresher.ops.lowrank. Every codec has one surface (``encode`` with
+optional error feedback, ``decode`` into a new tensor or accumulating into ``out``, ``nbytes``,
+``unpack``) and its messages carry no header. The surface, error feedback and the byte counts:
+docs/communication.md ("Codecs")."""
 from __future__ import annotations
 
 import hashlib
@@ -23,9 +12,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from thresher.ops import compress as _cops
-from thresher.core.checks import check_choice, check_tensor
-from thresher.core.checks import check_has_data
+from thresher.core.checks import check_choice, check_has_data, check_int, check_tensor
+from thresher.ops.compress import (
+    SCALINGS,
+    check_bits,
+    dequantize_blockwise,
+    quant_nbytes,
+    quantize_blockwise,
+    topk_decode,
+    topk_encode,
+    topk_nbytes,
+)
+from thresher.ops.lowrank import choose_side, project, project_back, refresh_projection
 
 __all__ = ["Packed", "Codec", "TopKCodec", "QuantCodec", "LowRankCodec"]
 
@@ -142,13 +140,6 @@ class Codec:
         raise NotImplementedError
 
 
-def _int(name, v, lo):
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-
-
 class TopKCodec(Codec):
     """Top-``k`` per ``chunk`` of |x + e|, ``bits``-bit values with a per-chunk scale, 12/16/32
     bit indices (thresher.ops.topk_encode: the fused kernel). Bytes per full chunk:
@@ -158,24 +149,23 @@ class TopKCodec(Codec):
     sparse = True
 
     def __init__(self, k: int = 64, chunk: int = 4096, bits: int = 2, backend: str = "auto"):
-        _int("k", k, 1)
-        _int("chunk", chunk, 1)
-        _cops._check_bits(bits)
+        k, chunk = check_int("k", k, 1), check_int("chunk", chunk, 1)
+        check_bits(bits)
         self.k, self.chunk, self.bits, self.backend = k, chunk, bits, backend
 
     def settings(self):
         return {"k": self.k, "chunk": self.chunk, "bits": self.bits}
 
     def nbytes(self, shape) -> int:
-        return _cops.topk_nbytes(math.prod(shape), self.k, self.chunk, self.bits)
+        return topk_nbytes(math.prod(shape), self.k, self.chunk, self.bits)
 
     def _encode_flat(self, x, error):
-        return _cops.topk_encode(x, error, k=self.k, chunk=self.chunk, bits=self.bits,
-                                 backend=self.backend)
+        return topk_encode(x, error, k=self.k, chunk=self.chunk, bits=self.bits,
+                           backend=self.backend)
 
     def _decode_add(self, packed, out_flat, count):
-        _cops.topk_decode(packed.data, packed.numel, k=self.k, chunk=self.chunk, bits=self.bits,
-                          out=out_flat, count=count, backend=self.backend)
+        topk_decode(packed.data, packed.numel, k=self.k, chunk=self.chunk, bits=self.bits,
+                    out=out_flat, count=count, backend=self.backend)
 
 
 class QuantCodec(Codec):
@@ -185,24 +175,24 @@ class QuantCodec(Codec):
 
     def __init__(self, bits: int = 8, block: int = 256, scaling: str = "absmax",
                  backend: str = "auto"):
-        _cops._check_bits(bits)
-        _int("block", block, 1)
-        check_choice("scaling", scaling, _cops.SCALINGS)
+        check_bits(bits)
+        block = check_int("block", block, 1)
+        check_choice("scaling", scaling, SCALINGS)
         self.bits, self.block, self.scaling, self.backend = bits, block, scaling, backend
 
     def settings(self):
         return {"bits": self.bits, "block": self.block, "scaling": self.scaling}
 
     def nbytes(self, shape) -> int:
-        return _cops.quant_nbytes(math.prod(shape), self.bits, self.block, self.scaling)
+        return quant_nbytes(math.prod(shape), self.bits, self.block, self.scaling)
 
     def _encode_flat(self, x, error):
-        return _cops.quantize_blockwise(x, error, bits=self.bits, block=self.block,
-                                        scaling=self.scaling, backend=self.backend)
+        return quantize_blockwise(x, error, bits=self.bits, block=self.block,
+                                  scaling=self.scaling, backend=self.backend)
 
     def _decode_add(self, packed, out_flat, count):
-        _cops.dequantize_blockwise(packed.data, packed.numel, bits=self.bits, block=self.block,
-                                   scaling=self.scaling, out=out_flat, backend=self.backend)
+        dequantize_blockwise(packed.data, packed.numel, bits=self.bits, block=self.block,
+                             scaling=self.scaling, out=out_flat, backend=self.backend)
 
 
 class LowRankCodec(Codec):
@@ -217,7 +207,7 @@ class LowRankCodec(Codec):
 
     def __init__(self, rank: int = 4, method: str = "power", seed: int = 0,
                  backend: str = "auto"):
-        _int("rank", rank, 1)
+        rank = check_int("rank", rank, 1)
         check_choice("method", method, ("power", "random", "svd"))
         self.rank, self.method, self.seed, self.backend = rank, method, seed, backend
         self._prev: dict[tuple, Tensor] = {}
@@ -235,8 +225,6 @@ class LowRankCodec(Codec):
         return (shape[0], math.prod(shape[1:]))
 
     def _dims(self, shape):
-        from thresher.ops.lowrank import choose_side
-
         p, q = self._matrix_shape(shape)
         r = min(self.rank, p, q)
         side = choose_side((p, q))
@@ -247,8 +235,6 @@ class LowRankCodec(Codec):
         return 4 * r * (p + q) if p * q else 0
 
     def _encode_flat(self, x, error):
-        from thresher.ops.lowrank import project, project_back, refresh_projection
-
         p, q, r, side = self._dims(x.shape)
         if p * q == 0:
             return torch.empty(0, dtype=torch.uint8, device=x.device)
@@ -264,8 +250,6 @@ class LowRankCodec(Codec):
         return torch.cat([R.reshape(-1).view(torch.uint8), Q.contiguous().reshape(-1).view(torch.uint8)])
 
     def _decode_add(self, packed, out_flat, count):
-        from thresher.ops.lowrank import project_back
-
         p, q, r, side = self._dims(packed.shape)
         if p * q == 0:
             return

@@ -1,28 +1,10 @@
-"""thresher's collectives over ``torch.distributed``: one error type, one default timeout,
-one way of waiting, used by ``thresher.comm`` and by every optimizer in ``thresher.optim``.
-
-Timeouts. Every collective is issued with ``async_op=True`` and waited for with
-``work.wait(timeout)``; a peer that died (connection reset) or never arrives turns into a
-:class:`CollectiveError` on the survivors that names the operation, the rank and the
-timeout, instead of a hang. ``DEFAULT_TIMEOUT_S`` (300 s) is the default everywhere.
-
-Dense collectives (``all_reduce_mean_``, ``broadcast_``) coalesce their tensors into one
-buffer per dtype, so a list of parameters costs one collective per dtype.
-
-``sparse_all_gather_mean(packed, group=None, out=None, timeout=300.0, stats=None)``: every
-rank contributes its compressed message; each rank decodes all of them and returns the mean.
-For a sparse codec (top-k) the mean at each index is over the ranks that sent that index
-(SparseLoCo's aggregation); for dense codecs it is over all ranks. Protocol (two
-all_gathers):
-
-1. a 16-byte header ``[payload bytes, fingerprint of (codec settings, shape)]`` -- every
-   rank checks that all peers encoded the same thing the same way;
-2. the payloads (equal sizes by then).
-
-``CommStats`` counts what this rank sent: ``bytes_sent`` = header + payload bytes per call,
-i.e. the payload one rank contributes (an all_gather then delivers it to world-1 peers; the
-wire total of a ring all_gather is ``(world-1) x`` that per rank). Nothing is counted for a
-world of one (no collective is issued).
+"""thresher's collectives over ``torch.distributed``: one error type (``CollectiveError``), one
+default timeout (``DEFAULT_TIMEOUT_S``), one way of waiting, used by ``thresher.comm`` and by
+every optimizer in ``thresher.optim``. Dense collectives (``all_reduce_mean_``,
+``broadcast_``) coalesce their tensors into one buffer per dtype;
+``sparse_all_gather_mean`` averages the ranks' compressed messages, and ``CommStats`` counts
+what this rank sent. Timeouts, the two-all_gather protocol and the byte accounting:
+docs/communication.md ("Collectives").
 """
 from __future__ import annotations
 
@@ -218,7 +200,7 @@ class CommStats:
 def sparse_all_gather_mean(packed: Packed, group=None, out: Tensor | None = None,
                            timeout: float = DEFAULT_TIMEOUT_S,
                            stats: CommStats | None = None) -> Tensor:
-    """The mean over ranks of the decoded messages (see the module docstring). Returns a
+    """The mean over ranks of the decoded messages (docs/communication.md). Returns a
     tensor shaped and typed like the encoded one, or, with ``out``, adds the mean into
     ``out`` and returns it. Works (no collective) when torch.distributed is not initialised."""
     if not isinstance(packed, Packed):

@@ -1,16 +1,9 @@
-"""Triton kernels of the compression op family (``thresher.ops.compress``, backend "triton").
-
-The launchers mirror the C++ ones (csrc/cpu/compress.cpp) and write the same bytes::
-
-    topk_encode(x, error, k, chunk, bits, out)       # fused e += x, top-k, quantise, pack
-    topk_decode(payload, n, k, chunk, bits, out, count)
-    quant_encode(x, error, bits, block, scaling, out)
-    quant_decode(payload, n, block, bits, scaling, out)
-
-The maths is csrc/common/compress.h's, op for op (every launch with ``enable_fp_fusion=False``);
-the payload layouts are thresher.core.layouts'. Design (radix select, the pairwise tree, the
-launch configurations): docs/kernels.md ("Compression", "Triton kernels").
-"""
+"""Triton kernels of the compression op family (``thresher.ops.compress``, backend "triton"):
+the launchers ``topk_encode``, ``topk_decode``, ``quant_encode`` and ``quant_decode`` mirror
+the C++ ones (csrc/cpu/compress.cpp) and write the same bytes. The maths is
+csrc/common/compress.h's, op for op (every launch with ``enable_fp_fusion=False``); the
+payload layouts are thresher.core.layouts'. Design (radix select, the pairwise tree, the
+launch configurations): docs/kernels.md ("Compression", "Triton kernels")."""
 from __future__ import annotations
 
 import triton

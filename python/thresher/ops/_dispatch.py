@@ -1,16 +1,10 @@
-"""The one backend-dispatch mechanism every thresher op uses.
-
-Each op declares its backends once, in preference order, as ``BackendSpec``s: the devices
-and dtypes each supports, whether it is available in this process (and why not), and any
-shape limits. ``Dispatcher.select`` then resolves ``backend="auto"`` to the first backend
-with no objection, and a named backend to itself or to a ``BackendUnavailableError`` that
-lists every reason it cannot run -- never a silent fallback.
-
-Selection is traceable by ``torch.compile(fullgraph=True)`` even when the first thresher call
-of the process is inside the compiled region: the availability checks import modules
-(``thresher._C``, triton), which dynamo cannot trace, so they run through
-``_availability`` / ``_skipped``, which dynamo executes eagerly at trace time and treats as
-constants (``torch.compiler.assume_constant_result``).
+"""The one backend-dispatch mechanism every thresher op uses: each op family declares its
+backends once, in preference order, as ``BackendSpec``s (devices, dtypes, availability, shape
+limits); ``Dispatcher.select`` resolves ``backend="auto"`` to the first backend with no
+objection, and a named backend to itself or to a ``BackendUnavailableError`` listing every
+reason it cannot run -- never a silent fallback. The rules: docs/architecture.md ("Op
+dispatch"); why selection stays traceable by ``torch.compile(fullgraph=True)``:
+docs/kernels.md ("Dispatch and the native extensions").
 """
 from __future__ import annotations
 
@@ -94,6 +88,10 @@ class BackendSpec:
 
 
 _DISPATCHERS: dict[str, "Dispatcher"] = {}
+
+# The availability checks import modules (thresher._C, triton), which dynamo cannot trace:
+# these two run them eagerly at trace time and the graph keeps the result as a constant, so
+# selection works even when a process's first thresher call is inside a compiled region.
 
 
 @torch.compiler.assume_constant_result

@@ -1,15 +1,9 @@
-"""Loading of the native extensions, once, with the reason when one is missing.
-
-``thresher._C`` (CPU kernels) and ``thresher._C_cuda`` (CUDA kernels) are optional: the
-reference backend always works. When ``_C`` cannot be loaded, the first op that would have
-used it warns once with the reason; ``native_status()`` reports both at any time.
-
-OpenMP: ``_C`` is linked against ``libgomp.so.1``. torch is always imported first (this
-module imports it), and the PyTorch wheels that ship their own ``libgomp.so.1`` have then
-already loaded it under that soname, so the dynamic loader binds ``_C`` to PyTorch's runtime:
-one thread pool for both, no oversubscription (tests/ops/test_cross_entropy.py checks which
-runtimes are mapped and runs a kernel between two PyTorch parallel ops). Thread counts come
-from ``torch.get_num_threads()`` on every call.
+"""Loading of the optional native extensions, once, with the reason when one is missing:
+``thresher._C`` (CPU kernels) and ``thresher._C_cuda`` (CUDA kernels); the reference backend
+always works. The first op that would have used a missing ``_C`` warns once with the reason;
+``native_status()`` reports both at any time. Also the helpers the backends pass to the
+kernels (dtype codes, pointers, thread count, CUDA stream). How ``_C`` shares PyTorch's
+OpenMP runtime: docs/kernels.md ("Dispatch and the native extensions").
 """
 from __future__ import annotations
 
@@ -113,4 +107,10 @@ def num_threads() -> int:
 
 def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
+
+
+def cuda_stream(t: torch.Tensor) -> int:
+    """The handle of the current CUDA stream of ``t``'s device (the CUDA launchers' last
+    argument)."""
+    return torch.cuda.current_stream(t.device).cuda_stream
 

@@ -3,7 +3,7 @@
 (exported from ``thresher.ops`` and ``thresher``), with every argument check.
 
 The op is split by job: this module (public API and checks), ``_ce_reduce`` (weights, class
-weights, reductions), ``_ce_autograd`` (backends, the one dispatcher ``DISPATCH``, custom ops,
+weights, reductions), ``_ce_backends`` (backends, the one dispatcher ``DISPATCH``, custom ops,
 autograd) and ``_ce_reference`` (the PyTorch reference, ``reference_cross_entropy_rows``).
 The maths, the reductions, how forward and backward split the work and
 ``overwrite_logits``: docs/kernels.md ("Cross-entropy"); signatures: docs/interfaces.md.
@@ -26,7 +26,7 @@ from thresher.core.checks import (
 )
 from thresher.core.constants import IGNORE_INDEX, LOSS_REDUCTIONS
 
-from ._ce_autograd import DISPATCH, LinearWeightedCE, WeightedCE, composite_ce, composite_linear_ce
+from ._ce_backends import DISPATCH, LinearWeightedCE, WeightedCE, composite_ce, composite_linear_ce
 from ._ce_reduce import CrossEntropyOutput, class_weight, rows_dot, run
 from ._ce_reference import FLOAT_DTYPES, acc_dtype, reference_cross_entropy_rows
 

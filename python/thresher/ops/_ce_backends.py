@@ -107,7 +107,7 @@ KERNELS = {
     "reference": (_reference_fwd, _reference_bwd),
     "cpu": _native_kernels(_native.cpu_ext, lambda x: _native.num_threads()),
     "triton": (_triton_fwd, _triton_bwd),
-    "cuda": _native_kernels(_native.cuda_ext, lambda x: torch.cuda.current_stream(x.device).cuda_stream),
+    "cuda": _native_kernels(_native.cuda_ext, _native.cuda_stream),
 }
 
 DISPATCH = Dispatcher(
