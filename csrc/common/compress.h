@@ -1,25 +1,7 @@
 // Per-element maths of the compression op family (python/thresher/ops/compress.py), shared by
-// the CPU kernels (csrc/cpu/compress.cpp) and the CUDA kernels (csrc/cuda/compress.cu), so the
-// CPU tests exercise exactly what the GPU runs. The Triton kernels (kernels/compress.py) and
-// the PyTorch reference spell out the same operations in the same order.
-//
-// Quantiser (mid-rise, L = 2^bits levels, codes q in [0, L)):
-//   deq(q) = (2q + 1 - L) * scale + offset              levels at odd multiples of `scale`
-//   q(v)   = clamp(floor((v - offset) * inv), -L/2, L/2 - 1) + L/2,   inv = 0.5 / scale
-// so the decision boundaries sit at even multiples of `scale` (round to the nearest level).
-//   absmax:  offset = 0, scale = absmax / (L - 1)       (the extreme levels are +-absmax)
-//   meanstd: offset = mean, scale = sigma * c_b / 2     (c_b: step of the MSE-optimal uniform
-//            quantiser of a Gaussian, Max 1960: 0.9957 (4 levels), 0.3352 (16), ~0.0308 (256))
-// scale == 0 (a block of equal values) gives inv = 0, every code L/2 and deq = offset.
-//
-// Every backend must produce bit-identical codes and error updates, so each operation is one
-// IEEE-rounded step (no fused multiply-add: the CUDA code uses the __f*_rn intrinsics, which
-// are never contracted; compress.cpp turns contraction off; Triton launches with
-// enable_fp_fusion=False), divisions and square roots are correctly rounded, and the mean /
-// sigma of a block are pairwise sums over the block zero-padded to a power of two (adjacent
-// pairs first: the tree a CUDA warp builds with shfl_down 1, 2, 4, ...).
-// One known exception: the CUDA module is built with --use_fast_math, i.e. flush-to-zero, so
-// subnormal values (|v| < 2^-126) and scales can differ from the CPU/reference bytes there.
+// the CPU kernels (cpu/compress.cpp) and the CUDA kernels (cuda/compress.cu), so the CPU tests
+// exercise exactly what the GPU runs. The Triton kernels (python/thresher/kernels/compress.py)
+// and the PyTorch reference spell out the same operations in the same order.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +11,14 @@
 namespace thr {
 namespace cmp {
 
+// Quantiser (mid-rise, L = 2^bits levels, codes q in [0, L)):
+//   deq(q) = (2q + 1 - L) * scale + offset              levels at odd multiples of `scale`
+//   q(v)   = clamp(floor((v - offset) * inv), -L/2, L/2 - 1) + L/2,   inv = 0.5 / scale
+// so the decision boundaries sit at even multiples of `scale` (round to the nearest level).
+//   absmax:  offset = 0, scale = absmax / (L - 1)       (the extreme levels are +-absmax)
+//   meanstd: offset = mean, scale = sigma * c_b / 2     (c_b: step of the MSE-optimal uniform
+//            quantiser of a Gaussian, Max 1960: 0.9957 (4 levels), 0.3352 (16), ~0.0308 (256))
+// scale == 0 (a block of equal values) gives inv = 0, every code L/2 and deq = offset.
 constexpr int kScaleAbsmax = 0;
 constexpr int kScaleMeanStd = 1;
 
@@ -37,6 +27,14 @@ THR_HD float meanstd_half_step(int bits) {
   return bits == 2 ? 0.49785f : (bits == 4 ? 0.1676f : 0.0154f);
 }
 
+// Every backend must produce bit-identical codes and error updates, so each operation is one
+// IEEE-rounded step (no fused multiply-add: the CUDA code uses the __f*_rn intrinsics, which
+// are never contracted; cpu/compress.cpp turns contraction off; Triton launches with
+// enable_fp_fusion=False), divisions and square roots are correctly rounded, and the mean /
+// sigma of a block are pairwise sums over the block zero-padded to a power of two (adjacent
+// pairs first: the tree a CUDA warp builds with shfl_down 1, 2, 4, ...).
+// One known exception: the CUDA module is built with --use_fast_math, i.e. flush-to-zero, so
+// subnormal values (|v| < 2^-126) and scales can differ from the CPU/reference bytes there.
 THR_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);

@@ -1,6 +1,6 @@
 // Per-element maths of the fused low-rank Adam step (python/thresher/ops/lowrank.py), shared
-// by the CPU kernels (csrc/cpu/lowrank.cpp) and the CUDA kernels (csrc/cuda/lowrank.cu), so
-// the CPU tests exercise the exact arithmetic the GPU runs.
+// by the CPU kernels (cpu/lowrank.cpp) and the CUDA kernels (cuda/lowrank.cu), so the
+// CPU tests exercise the exact arithmetic the GPU runs.
 //
 // On one element r of the projected gradient R (r x q for side "left", p x r for "right"):
 //   m <- b1 m + (1 - b1) r          v <- b2 v + (1 - b2) r^2

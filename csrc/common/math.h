@@ -1,4 +1,4 @@
-// Scalar maths shared by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).
+// Scalar maths shared by the CPU kernels (cpu/) and the CUDA kernels (cuda/).
 //
 // Everything here is branch-free so that, on the CPU, GCC/Clang auto-vectorise the loops
 // that call it (the ternaries become blends), and on the GPU each thread runs it as is.

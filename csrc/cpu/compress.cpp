@@ -1,28 +1,12 @@
-// CPU kernels of the compression op family (python/thresher/ops/compress.py, backend "cpu").
-// Raw pointers, sizes and dtype codes come from the Python layer, which validated them.
-//
-// topk_encode, per chunk of C elements (OpenMP over chunks, one chunk at a time per thread in
-// thread-local buffers of C floats + C keys: 32 KiB at C = 4096, i.e. L1/L2 resident):
-//   pass 1 (streams x and e once from DRAM, writes e once): v = e + x, e = v, key = |v| bits,
-//          and the chunk's largest key (the absmax of the selection: the largest is always
-//          chosen);
-//   select: the k-th largest (key, -index) pair (kth_composite: a group-max prefilter keeps
-//          a few hundred candidates, nth_element over them);
-//   emit:  every candidate >= that pair is chosen, in index order (so the payload lists
-//          indices ascending and ties go to the lowest index, as in every backend); its code
-//          is computed and e[i] -= deq (a cache-hot line: e was just written);
-//   pack:  the k codes and k indices into their byte-aligned records.
-// DRAM traffic is 4 (x fp32) + 8 (e read + write) bytes per element, the floor for an op
-// that must add x into e; 64M elements move 768 MB.
-//
-// Blockwise quantisation works the same way per block (absmax: a max; meanstd: the pairwise
-// mean and sigma of common/compress.h), and both decoders scatter-add into a float32 output.
+// CPU kernels of the compression op family (python/thresher/ops/compress.py, backend "cpu"):
+// the entry points of cpu/compress.h, bound by cpu/compress_bind.cpp. Raw pointers, sizes and
+// dtype codes come from the Python layer, which validated them. The per-element maths
+// (quantiser, keys, bit streams, payload layouts) is common/compress.h, shared with the CUDA
+// kernels (cuda/compress.cu).
 //
 // Floating-point contraction is off for this file: a fused multiply-add in `e - m * scale`
 // would differ in the last bit from the other backends (common/compress.h).
 #pragma GCC optimize("fp-contract=off")
-#include <pybind11/pybind11.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,8 +17,7 @@
 #include "common/compress.h"
 #include "common/math.h"
 #include "cpu/clones.h"
-
-namespace py = pybind11;
+#include "cpu/compress.h"
 
 namespace {
 
@@ -122,14 +105,41 @@ uint64_t kth_composite(const uint32_t* keys, long len, long k, uint64_t* cand, l
   return work[k - 1];
 }
 
-void topk_encode(uintptr_t x, int dtype, uintptr_t error, long n, long k, long chunk, int bits,
-                 uintptr_t out, int num_threads) {
+// Pairwise sum of a[0..np) (np a power of two), destroying a: adjacent pairs first.
+float pairwise_sum(float* a, long np) {
+  for (long w = np / 2; w >= 1; w /= 2)
+    for (long i = 0; i < w; ++i) a[i] = thr::cmp::add_rn(a[2 * i], a[2 * i + 1]);
+  return a[0];
+}
+
+long next_pow2(long v) {
+  long p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+}  // namespace
+
+// topk_encode, per chunk of C elements (OpenMP over chunks, one chunk at a time per thread in
+// thread-local buffers of C floats + C keys: 32 KiB at C = 4096, i.e. L1/L2 resident):
+//   pass 1 (streams x and e once from DRAM, writes e once): v = e + x, e = v, key = |v| bits,
+//          and the chunk's largest key (the absmax of the selection: the largest is always
+//          chosen);
+//   select: the k-th largest (key, -index) pair (kth_composite: a group-max prefilter keeps
+//          a few hundred candidates, nth_element over them);
+//   emit:  every candidate >= that pair is chosen, in index order (so the payload lists
+//          indices ascending and ties go to the lowest index, as in every backend); its code
+//          is computed and e[i] -= deq (a cache-hot line: e was just written);
+//   pack:  the k codes and k indices into their byte-aligned records.
+// DRAM traffic is 4 (x fp32) + 8 (e read + write) bytes per element, the floor for an op
+// that must add x into e; 64M elements move 768 MB.
+void topk_encode_cpu(uintptr_t x, int dtype, uintptr_t error, long n, long k, long chunk,
+                     int bits, uintptr_t out, int num_threads) {
   const TopKLayout L = thr::cmp::topk_layout(n, k, chunk, bits);
   if (L.n_chunks == 0) return;
   uint8_t* o = reinterpret_cast<uint8_t*>(out);
   float* e = reinterpret_cast<float*>(error);
   const void* xs = reinterpret_cast<const void*>(x);
-  py::gil_scoped_release release;
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> v(chunk);
@@ -172,14 +182,13 @@ void topk_encode(uintptr_t x, int dtype, uintptr_t error, long n, long k, long c
 
 // out[c*chunk + idx] += deq (and count[...] += 1). Returns the number of indices outside
 // their chunk (skipped, never written): only a corrupted payload has any.
-long topk_decode(uintptr_t payload, long n, long k, long chunk, int bits, uintptr_t out,
-                 uintptr_t count, int num_threads) {
+long topk_decode_cpu(uintptr_t payload, long n, long k, long chunk, int bits, uintptr_t out,
+                     uintptr_t count, int num_threads) {
   const TopKLayout L = thr::cmp::topk_layout(n, k, chunk, bits);
   const uint8_t* p = reinterpret_cast<const uint8_t*>(payload);
   float* o = reinterpret_cast<float*>(out);
   int32_t* cnt = reinterpret_cast<int32_t*>(count);
   long bad = 0;
-  py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) num_threads(num_threads) reduction(+ : bad)
   for (long c = 0; c < L.n_chunks; ++c) {
     const bool last = c == L.n_chunks - 1;
@@ -204,28 +213,16 @@ long topk_decode(uintptr_t payload, long n, long k, long chunk, int bits, uintpt
   return bad;
 }
 
-// Pairwise sum of a[0..np) (np a power of two), destroying a: adjacent pairs first.
-float pairwise_sum(float* a, long np) {
-  for (long w = np / 2; w >= 1; w /= 2)
-    for (long i = 0; i < w; ++i) a[i] = thr::cmp::add_rn(a[2 * i], a[2 * i + 1]);
-  return a[0];
-}
-
-long next_pow2(long v) {
-  long p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
-
-void quant_encode(uintptr_t x, int dtype, uintptr_t error, long n, long block, int bits,
-                  int scaling, uintptr_t out, int num_threads) {
+// Blockwise quantisation works the same way per block (absmax: a max; meanstd: the pairwise
+// mean and sigma of common/compress.h), and both decoders scatter-add into a float32 output.
+void quant_encode_cpu(uintptr_t x, int dtype, uintptr_t error, long n, long block, int bits,
+                      int scaling, uintptr_t out, int num_threads) {
   const QuantLayout L = thr::cmp::quant_layout(n, block, bits, scaling);
   if (L.n_blocks == 0) return;
   uint8_t* o = reinterpret_cast<uint8_t*>(out);
   float* e = reinterpret_cast<float*>(error);
   const void* xs = reinterpret_cast<const void*>(x);
   const long np = next_pow2(block);
-  py::gil_scoped_release release;
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> v(block), tree(np);
@@ -265,12 +262,11 @@ void quant_encode(uintptr_t x, int dtype, uintptr_t error, long n, long block, i
   }
 }
 
-void quant_decode(uintptr_t payload, long n, long block, int bits, int scaling, uintptr_t out,
-                  int num_threads) {
+void quant_decode_cpu(uintptr_t payload, long n, long block, int bits, int scaling,
+                      uintptr_t out, int num_threads) {
   const QuantLayout L = thr::cmp::quant_layout(n, block, bits, scaling);
   const uint8_t* p = reinterpret_cast<const uint8_t*>(payload);
   float* o = reinterpret_cast<float*>(out);
-  py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (long b = 0; b < L.n_blocks; ++b) {
     const long len = b == L.n_blocks - 1 ? L.last_len : block;
@@ -285,28 +281,4 @@ void quant_decode(uintptr_t payload, long n, long block, int bits, int scaling, 
       ob[i] = thr::cmp::add_rn(ob[i], thr::cmp::dequantize(q, offset, scale, bits));
     }
   }
-}
-
-}  // namespace
-
-void register_compress(py::module_& m) {
-  m.def("topk_encode", &topk_encode,
-        "Fused e += x; top-k of |e| per chunk (ties to the lowest index); per-chunk absmax "
-        "quantisation; e -= dequantised; packing into `out` (topk_layout bytes). error == 0: "
-        "no error feedback (x is compressed as is).",
-        py::arg("x"), py::arg("dtype"), py::arg("error"), py::arg("n"), py::arg("k"),
-        py::arg("chunk"), py::arg("bits"), py::arg("out"), py::arg("num_threads"));
-  m.def("topk_decode", &topk_decode,
-        "out[idx] += dequantised values of a top-k payload (float32 out; count int32 or 0). "
-        "Returns the number of out-of-chunk indices (skipped).",
-        py::arg("payload"), py::arg("n"), py::arg("k"), py::arg("chunk"), py::arg("bits"),
-        py::arg("out"), py::arg("count"), py::arg("num_threads"));
-  m.def("quant_encode", &quant_encode,
-        "Blockwise absmax (scaling 0) / mean-sigma (1) quantisation of x (+ error feedback "
-        "when error != 0) into `out` (quant_layout bytes).",
-        py::arg("x"), py::arg("dtype"), py::arg("error"), py::arg("n"), py::arg("block"),
-        py::arg("bits"), py::arg("scaling"), py::arg("out"), py::arg("num_threads"));
-  m.def("quant_decode", &quant_decode, "out += dequantised blockwise payload (float32 out).",
-        py::arg("payload"), py::arg("n"), py::arg("block"), py::arg("bits"), py::arg("scaling"),
-        py::arg("out"), py::arg("num_threads"));
 }

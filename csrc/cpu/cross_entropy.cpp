@@ -1,22 +1,6 @@
-// CPU kernels for the weighted cross-entropy op family (python/thresher/ops/cross_entropy.py).
-//
-// Forward, per row of logits x (length V), with per-row gradient coefficient c:
-//   pass 1 (reads the row from DRAM once): blockwise online log-sum-exp (and sum x for label
-//           smoothing). A block of BLOCK floats (8 KiB) stays in L1 between its max and its
-//           sum-of-exp sweep, so exp is evaluated once per element.
-//   pass 2 (only when a gradient is wanted): g_j = c (p_j (1 + 2 zl lse) - eps/V), minus
-//           c (1 - eps) at the target. The row was just read, so it is re-read from L2
-//           (V = 128256 fp32 is 501 KiB, the size of one core's L2 here), and g is written once.
-// Fusing the gradient into the forward is what makes fwd+bwd one DRAM read of the logits and
-// one DRAM write of the gradient (eager PyTorch moves ~6 full-size tensors for the same).
-// grad may alias logits (the fused linear op writes the gradient over its logits chunk):
-// pass 2 reads x_j before writing g_j and the target logit is read before the sweep.
-//
-// Rows are split across OpenMP threads (count from torch.get_num_threads(), passed in).
-// The per-row functions are compiled twice (x86-64-v3 = AVX2+FMA, and baseline x86-64) and
-// picked at load time by the ifunc resolver, so a portable build still runs AVX2 code.
-#include <pybind11/pybind11.h>
-
+// CPU kernels of the weighted cross-entropy op family (python/thresher/ops/cross_entropy.py,
+// backend "cpu"): the entry points of cpu/cross_entropy.h, bound by cpu/cross_entropy_bind.cpp.
+// The per-element maths is common/math.h, shared with the CUDA kernels (cuda/cross_entropy.cu).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -30,8 +14,7 @@
 
 #include "common/math.h"
 #include "cpu/clones.h"
-
-namespace py = pybind11;
+#include "cpu/cross_entropy.h"
 
 namespace {
 
@@ -303,6 +286,17 @@ struct Rows {
 };
 
 // One row of the forward (+ fused gradient when grad is set) or of the backward.
+// Forward, per row of logits x (length V), with per-row gradient coefficient c:
+//   pass 1 (reads the row from DRAM once): blockwise online log-sum-exp (and sum x for label
+//           smoothing). A block of BLOCK floats (8 KiB) stays in L1 between its max and its
+//           sum-of-exp sweep, so exp is evaluated once per element.
+//   pass 2 (only when a gradient is wanted): g_j = c (p_j (1 + 2 zl lse) - eps/V), minus
+//           c (1 - eps) at the target. The row was just read, so it is re-read from L2
+//           (V = 128256 fp32 is 501 KiB, the size of one core's L2 here), and g is written once.
+// Fusing the gradient into the forward is what makes fwd+bwd one DRAM read of the logits and
+// one DRAM write of the gradient (eager PyTorch moves ~6 full-size tensors for the same).
+// grad may alias logits (the fused linear op writes the gradient over its logits chunk):
+// pass 2 reads x_j before writing g_j and the target logit is read before the sweep.
 template <typename T>
 THR_AI void row_forward(const Rows<T>& a, long i) {
   using A = typename AccOf<T>::type;
@@ -339,7 +333,9 @@ THR_AI void row_backward(const Rows<T>& a, long i) {
   row_grad_any(row, grad, a.V, t, a.lse[i], a.coef[i], a.eps, a.zl, a.stream, a.cap);
 }
 
-// Concrete, ISA-cloned row functions (target_clones needs non-template functions).
+// Concrete, ISA-cloned row functions (target_clones needs non-template functions): each is
+// compiled twice (x86-64-v3 = AVX2+FMA, and baseline x86-64) and picked at load time by the
+// ifunc resolver, so a portable build still runs AVX2 code.
 #define THR_DEFINE_ROWS(T, NAME)                                                   \
   THR_CLONES void forward_##NAME(const Rows<T>& a, long i) { row_forward<T>(a, i); } \
   THR_CLONES void backward_##NAME(const Rows<T>& a, long i) { row_backward<T>(a, i); }
@@ -348,6 +344,7 @@ THR_DEFINE_ROWS(double, f64)
 THR_DEFINE_ROWS(bf16_t, bf16)
 THR_DEFINE_ROWS(f16_t, f16)
 
+// Rows are split across OpenMP threads (count from torch.get_num_threads(), passed in).
 template <typename T>
 void run_rows(void (*fn)(const Rows<T>&, long), const Rows<T>& a, int threads) {
   // Rows cost the same (V elements each), so a static split balances; ignored rows are rare.
@@ -378,11 +375,12 @@ void run_typed(void (*fn)(const Rows<T>&, long), uintptr_t logits, long N, long 
                                ii, eps, zl, cap), threads);
 }
 
-void ce_forward(uintptr_t logits, long N, long V, long stride, int dtype, uintptr_t target,
-                uintptr_t lse, uintptr_t loss, uintptr_t grad, long grad_stride, uintptr_t coef,
-                long ii, double eps, double zl, double cap, int threads) {
+}  // namespace
+
+void ce_forward_cpu(uintptr_t logits, long N, long V, long stride, int dtype, uintptr_t target,
+                    uintptr_t lse, uintptr_t loss, uintptr_t grad, long grad_stride,
+                    uintptr_t coef, long ii, double eps, double zl, double cap, int threads) {
   if (grad != 0 && coef == 0) throw std::invalid_argument("ce_forward: grad needs coef");
-  py::gil_scoped_release release;
   switch (dtype) {
     case thr::kFloat32: return run_typed<float>(forward_f32, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, cap, threads);
     case thr::kFloat64: return run_typed<double>(forward_f64, logits, N, V, stride, target, lse, loss, grad, grad_stride, coef, ii, eps, zl, cap, threads);
@@ -392,10 +390,9 @@ void ce_forward(uintptr_t logits, long N, long V, long stride, int dtype, uintpt
   throw std::invalid_argument("ce_forward: unsupported dtype code");
 }
 
-void ce_backward(uintptr_t logits, long N, long V, long stride, int dtype, uintptr_t target,
-                 uintptr_t lse, uintptr_t coef, uintptr_t grad, long grad_stride, long ii,
-                 double eps, double zl, double cap, int threads) {
-  py::gil_scoped_release release;
+void ce_backward_cpu(uintptr_t logits, long N, long V, long stride, int dtype, uintptr_t target,
+                     uintptr_t lse, uintptr_t coef, uintptr_t grad, long grad_stride, long ii,
+                     double eps, double zl, double cap, int threads) {
   // Same row set-up as the forward; backward rows read lse instead of writing it.
   switch (dtype) {
     case thr::kFloat32: return run_typed<float>(backward_f32, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, cap, threads);
@@ -404,22 +401,4 @@ void ce_backward(uintptr_t logits, long N, long V, long stride, int dtype, uintp
     case thr::kFloat16: return run_typed<f16_t>(backward_f16, logits, N, V, stride, target, lse, 0, grad, grad_stride, coef, ii, eps, zl, cap, threads);
   }
   throw std::invalid_argument("ce_backward: unsupported dtype code");
-}
-
-}  // namespace
-
-void register_cross_entropy(py::module_& m) {
-  m.def("ce_forward", &ce_forward,
-        "Weighted-CE forward over rows: lse, per-token loss, and (grad != 0) the gradient "
-        "scaled per row by coef. Pointers are raw addresses; the caller validates everything.",
-        py::arg("logits"), py::arg("n_rows"), py::arg("vocab"), py::arg("row_stride"),
-        py::arg("dtype"), py::arg("target"), py::arg("lse"), py::arg("loss"), py::arg("grad"),
-        py::arg("grad_row_stride"), py::arg("coef"), py::arg("ignore_index"),
-        py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("num_threads"));
-  m.def("ce_backward", &ce_backward,
-        "Weighted-CE gradient rows from saved lse, scaled per row by coef.",
-        py::arg("logits"), py::arg("n_rows"), py::arg("vocab"), py::arg("row_stride"),
-        py::arg("dtype"), py::arg("target"), py::arg("lse"), py::arg("coef"), py::arg("grad"),
-        py::arg("grad_row_stride"), py::arg("ignore_index"), py::arg("label_smoothing"),
-        py::arg("z_loss"), py::arg("softcap"), py::arg("num_threads"));
 }

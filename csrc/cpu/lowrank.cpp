@@ -1,31 +1,6 @@
-// CPU kernels of the low-rank Adam op family (python/thresher/ops/lowrank.py, backend "cpu").
-//
-// The GEMMs (projection R = Q^T G or G Q, back-projection) stay in PyTorch/BLAS; these two
-// kernels are the elementwise work around them:
-//
-//   lowrank_moments: one pass over the small projected gradient R (rank x n after the
-//     Python layer's orientation): m and v updated in place, the normalised direction
-//     n = m_hat / (sqrt(v_hat) + eps) written over R (R is a per-step workspace), and, for
-//     LoRDO, the per-line sum over the rank dimension of v_hat (-> the normaliser D).
-//     Per element: 3 reads (r, m, v) + 3 writes (n, m, v); eager PyTorch needs ~12 passes.
-//   lowrank_fullrank_update: LoRDO's full-rank quasi-hyperbolic term in one pass over the
-//     full-size tensor, P[i, j] -= G[i, j] * w[j or i] (w = lr (1 - omega) / (mu (D + eps))
-//     per column or row). GaLore's own update needs no pass here: the back-projection GEMM
-//     writes it straight into the parameter (addmm with beta = 1 - lr wd, alpha = -lr scale:
-//     BLAS reads and writes P once).
-//
-// Layout of lowrank_moments: R, m, v share one strided 2-D layout (rows = the rank
-// dimension, cols = the other one). Side "left" is R (r x q) row-major: col_stride 1, so
-// each thread takes a block of columns and sweeps the rows with contiguous vector loads,
-// accumulating the column sums in registers/L1. Side "right" is R (p x r) row-major seen
-// transposed: row_stride 1, each column is a contiguous run of r elements (a dot-product
-// style reduction per column).
-//
-// float32 and float64 (bf16/fp16 parameters on the CPU go to the reference backend). The
-// loops are plain C++ that GCC vectorises (-O3 -fno-math-errno turns sqrt into vsqrtps);
-// they are compiled for x86-64-v3 (AVX2+FMA) and baseline x86-64 and picked at load time.
-#include <pybind11/pybind11.h>
-
+// CPU kernels of the low-rank Adam op family (python/thresher/ops/lowrank.py, backend "cpu"):
+// the entry points of cpu/lowrank.h (what each computes), bound by cpu/lowrank_bind.cpp. The
+// per-element maths is common/lowrank.h, shared with the CUDA kernels (cuda/lowrank.cu).
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -33,13 +8,19 @@
 
 #include "common/lowrank.h"
 #include "cpu/clones.h"
-
-namespace py = pybind11;
+#include "cpu/lowrank.h"
 
 namespace {
 
 using thr::lowrank::AdamCoef;
 
+// Layout of lowrank_moments: R, m, v share one strided 2-D layout (rows = the rank
+// dimension, cols = the other one). Side "left" is R (r x q) row-major: col_stride 1, so
+// each thread takes a block of columns and sweeps the rows with contiguous vector loads,
+// accumulating the column sums in registers/L1 (moments_col_block). Side "right" is R (p x r)
+// row-major seen transposed: row_stride 1, each column is a contiguous run of r elements (a
+// dot-product style reduction per column: moments_column).
+//
 // Columns per thread block of the "left" layout: 512 floats = 2 KiB per row slice of each
 // of the 3 tensors, and the column sums (2 KiB) stay in L1.
 constexpr long COL_BLOCK = 512;
@@ -109,6 +90,8 @@ THR_AI void moments_generic(const Moments<T>& a, long j) {
   if (a.dsum) a.dsum[j] = acc;
 }
 
+// The loops are plain C++ that GCC vectorises (-O3 -fno-math-errno turns sqrt into vsqrtps);
+// they are compiled for x86-64-v3 (AVX2+FMA) and baseline x86-64 and picked at load time.
 // kind 0: column blocks (col_stride 1); 1: contiguous columns (row_stride 1); 2: generic.
 #define THR_DEFINE_MOMENTS(T, NAME)                                                        \
   THR_CLONES void moments_##NAME(const Moments<T>& a, long task, int kind) {               \
@@ -140,25 +123,6 @@ void run_moments(void (*fn)(const Moments<T>&, long, int), uintptr_t r, uintptr_
   const int nt = static_cast<double>(rows) * cols < 4194304.0 ? 1 : threads;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (long t = 0; t < tasks; ++t) fn(a, t, kind);
-}
-
-void lowrank_moments(uintptr_t r, uintptr_t m, uintptr_t v, long rows, long cols, long row_stride,
-                     long col_stride, int dtype, double beta1, double beta2, double bc1, double bc2,
-                     double eps, uintptr_t dsum, int threads) {
-  if (rows < 0 || cols < 0) throw std::invalid_argument("lowrank_moments: negative shape");
-  if (rows == 0 || cols == 0) return;
-  py::gil_scoped_release release;
-  switch (dtype) {
-    case thr::kFloat32:
-      return run_moments<float>(moments_f32, r, m, v, rows, cols, row_stride, col_stride, dsum,
-                                thr::lowrank::adam_coef<float>(beta1, beta2, bc1, bc2, eps), threads);
-    case thr::kFloat64:
-      return run_moments<double>(moments_f64, r, m, v, rows, cols, row_stride, col_stride, dsum,
-                                 thr::lowrank::adam_coef<double>(beta1, beta2, bc1, bc2, eps),
-                                 threads);
-  }
-  throw std::invalid_argument("lowrank_moments: unsupported dtype code " + std::to_string(dtype) +
-                              " (the CPU kernel takes float32 and float64)");
 }
 
 template <typename T>
@@ -201,12 +165,31 @@ void run_fullrank(void (*fn)(const FullRank<T>&, long), uintptr_t p, uintptr_t g
   for (long i = 0; i < rows; ++i) fn(a, i);
 }
 
-void lowrank_fullrank_update(uintptr_t p, uintptr_t g, uintptr_t w, long rows, long cols,
-                             long p_stride, long g_stride, int dtype, int axis, int threads) {
+}  // namespace
+
+void lowrank_moments_cpu(uintptr_t r, uintptr_t m, uintptr_t v, long rows, long cols,
+                         long row_stride, long col_stride, int dtype, double beta1, double beta2,
+                         double bc1, double bc2, double eps, uintptr_t dsum, int threads) {
+  if (rows < 0 || cols < 0) throw std::invalid_argument("lowrank_moments: negative shape");
+  if (rows == 0 || cols == 0) return;
+  switch (dtype) {
+    case thr::kFloat32:
+      return run_moments<float>(moments_f32, r, m, v, rows, cols, row_stride, col_stride, dsum,
+                                thr::lowrank::adam_coef<float>(beta1, beta2, bc1, bc2, eps), threads);
+    case thr::kFloat64:
+      return run_moments<double>(moments_f64, r, m, v, rows, cols, row_stride, col_stride, dsum,
+                                 thr::lowrank::adam_coef<double>(beta1, beta2, bc1, bc2, eps),
+                                 threads);
+  }
+  throw std::invalid_argument("lowrank_moments: unsupported dtype code " + std::to_string(dtype) +
+                              " (the CPU kernel takes float32 and float64)");
+}
+
+void lowrank_fullrank_update_cpu(uintptr_t p, uintptr_t g, uintptr_t w, long rows, long cols,
+                                 long p_stride, long g_stride, int dtype, int axis, int threads) {
   if (rows < 0 || cols < 0) throw std::invalid_argument("lowrank_fullrank_update: negative shape");
   if (axis != 0 && axis != 1) throw std::invalid_argument("lowrank_fullrank_update: axis must be 0 or 1");
   if (rows == 0 || cols == 0) return;
-  py::gil_scoped_release release;
   switch (dtype) {
     case thr::kFloat32:
       return run_fullrank<float>(fullrank_f32, p, g, w, rows, cols, p_stride, g_stride, axis, threads);
@@ -215,23 +198,4 @@ void lowrank_fullrank_update(uintptr_t p, uintptr_t g, uintptr_t w, long rows, l
   }
   throw std::invalid_argument("lowrank_fullrank_update: unsupported dtype code " +
                               std::to_string(dtype) + " (the CPU kernel takes float32 and float64)");
-}
-
-}  // namespace
-
-void register_lowrank(py::module_& m) {
-  m.def("lowrank_moments", &lowrank_moments,
-        "Low-rank Adam moments in one pass: m, v updated in place, the normalised direction "
-        "written over r, and (dsum != 0) the sum of v_hat over rows per column. r, m, v share "
-        "the strided (rows = rank) x cols layout; dsum has the dtype of r.",
-        py::arg("r"), py::arg("m"), py::arg("v"), py::arg("rows"), py::arg("cols"),
-        py::arg("row_stride"), py::arg("col_stride"), py::arg("dtype"), py::arg("beta1"),
-        py::arg("beta2"), py::arg("bias_correction1"), py::arg("bias_correction2"), py::arg("eps"),
-        py::arg("dsum"), py::arg("num_threads"));
-  m.def("lowrank_fullrank_update", &lowrank_fullrank_update,
-        "p[i, j] -= g[i, j] * w[j] (axis 0) or w[i] (axis 1), in one pass; rows with a stride, "
-        "contiguous columns.",
-        py::arg("p"), py::arg("g"), py::arg("w"), py::arg("rows"), py::arg("cols"),
-        py::arg("p_row_stride"), py::arg("g_row_stride"), py::arg("dtype"), py::arg("axis"),
-        py::arg("num_threads"));
 }

@@ -1,11 +1,12 @@
-// thresher._C: one pybind11 module; each op family adds its functions here.
+// thresher._C: the pybind11 module of the CPU kernels. Each op family binds its functions in
+// cpu/<family>_bind.cpp; this file only builds the module.
 #include <pybind11/pybind11.h>
 
 namespace py = pybind11;
 
-void register_cross_entropy(py::module_& m);  // cross_entropy.cpp
-void register_lowrank(py::module_& m);        // lowrank.cpp
-void register_compress(py::module_& m);       // compress.cpp
+void register_cross_entropy(py::module_& m);  // cpu/cross_entropy_bind.cpp
+void register_lowrank(py::module_& m);        // cpu/lowrank_bind.cpp
+void register_compress(py::module_& m);       // cpu/compress_bind.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "thresher CPU kernels (raw-pointer interface; validation lives in thresher.ops)";

@@ -1,32 +1,8 @@
-// CUDA kernels of the compression op family (python/thresher/ops/compress.py, backend "cuda");
-// the CPU twin is csrc/cpu/compress.cpp (same raw-pointer interface, same payload bytes). The
-// per-element maths (quantiser, abs keys, bit streams, payload layouts) is common/compress.h,
-// which the CPU tests exercise; the Python layer makes the tensors' device current.
-//
-// topk_encode: ONE WARP PER CHUNK (chunk <= 8192), the chunk's e + x held in shared memory
-// (4 B an element) so that DRAM sees exactly one read of x, one read of e and one write of e:
-//   1. load: lanes stride the chunk (coalesced), v = e + x into shared memory, warp max of
-//      the |v| keys (__reduce_max_sync) = the absmax that sets the chunk's scale;
-//   2. select: bitwise radix select of the k-th largest key, MSB first: per bit, every lane
-//      counts its candidates (prefix match, bit set) over shared memory and one
-//      __reduce_add_sync gives the warp total -- no __syncthreads, no atomics; it stops early
-//      once every candidate left is needed (the prefix then already decides the set);
-//   3. emit: 32 elements at a time in index order; __ballot_sync + __popc give each chosen
-//      element its slot (and ties -- keys equal to the threshold -- go to the lowest indices,
-//      as in every backend); chosen lanes quantise, store code and index to shared memory;
-//      every lane writes its e (v, or v - deq) back, coalesced;
-//   4. pack: lanes build whole payload bytes from the shared codes / indices (stream_byte).
-// Shared memory per warp: 4 chunk + 8 k bytes (16 KiB + 512 B at the defaults); 4 warps a
-// block (66 KiB, opt-in above 48 KiB), so an H100 SM (228 KiB) holds 12 chunks in flight.
-// Work per chunk of C: C/32 shared loads a lane per radix bit (<= 31 bits; Gaussian data
-// usually stops after ~12-20), which at C = 4096 keeps the kernel near the HBM roofline of
-// 12 bytes an element (64M fp32: 805 MB, ~0.24 ms at 3.35 TB/s).
-//
-// quant_encode: one warp per block (<= 4096), v in shared memory; absmax by a warp max;
-// mean and sigma by the pairwise tree of compress.h in shared memory (ping-pong buffers, a
-// __syncwarp per level); lanes then write whole code bytes and the updated e.
-// Decoders: one warp per chunk (top-k: indices are distinct within a payload, so no atomics)
-// and one thread per element (blockwise).
+// CUDA kernels of the compression op family (python/thresher/ops/compress.py, backend "cuda"):
+// the launchers of cuda/compress.h, bound by cuda/compress_bind.cpp; the CPU twin is
+// cpu/compress.cpp (same raw-pointer interface, same payload bytes). The per-element maths
+// (quantiser, abs keys, bit streams, payload layouts) is common/compress.h, which the CPU tests
+// exercise; the Python layer makes the tensors' device current.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -36,6 +12,8 @@
 
 #include "common/compress.h"
 #include "common/math.h"
+#include "cuda/compress.h"
+#include "cuda/runtime.h"
 
 namespace {
 
@@ -45,14 +23,6 @@ using thr::cmp::TopKLayout;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxChunk = 8192;
 constexpr int kMaxBlock = 4096;
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("thresher: ") + what + " launch failed: " +
-                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-  }
-}
 
 __device__ __forceinline__ float load_x(const void* x, long i, int dtype) {
   switch (dtype) {
@@ -82,6 +52,24 @@ __device__ __forceinline__ uint32_t load_segment(const void* x, int dtype, const
   return __reduce_max_sync(kFull, mx);
 }
 
+// topk_encode: ONE WARP PER CHUNK (chunk <= 8192), the chunk's e + x held in shared memory
+// (4 B an element) so that DRAM sees exactly one read of x, one read of e and one write of e:
+//   1. load: lanes stride the chunk (coalesced), v = e + x into shared memory, warp max of
+//      the |v| keys (__reduce_max_sync) = the absmax that sets the chunk's scale;
+//   2. select: bitwise radix select of the k-th largest key, MSB first: per bit, every lane
+//      counts its candidates (prefix match, bit set) over shared memory and one
+//      __reduce_add_sync gives the warp total -- no __syncthreads, no atomics; it stops early
+//      once every candidate left is needed (the prefix then already decides the set);
+//   3. emit: 32 elements at a time in index order; __ballot_sync + __popc give each chosen
+//      element its slot (and ties -- keys equal to the threshold -- go to the lowest indices,
+//      as in every backend); chosen lanes quantise, store code and index to shared memory;
+//      every lane writes its e (v, or v - deq) back, coalesced;
+//   4. pack: lanes build whole payload bytes from the shared codes / indices (stream_byte).
+// Shared memory per warp: 4 chunk + 8 k bytes (16 KiB + 512 B at the defaults); 4 warps a
+// block (66 KiB, opt-in above 48 KiB), so an H100 SM (228 KiB) holds 12 chunks in flight.
+// Work per chunk of C: C/32 shared loads a lane per radix bit (<= 31 bits; Gaussian data
+// usually stops after ~12-20), which at C = 4096 keeps the kernel near the HBM roofline of
+// 12 bytes an element (64M fp32: 805 MB, ~0.24 ms at 3.35 TB/s).
 __global__ void __launch_bounds__(128)
 topk_encode_kernel(const void* __restrict__ x, int dtype, float* __restrict__ e, uint8_t* __restrict__ out,
                    TopKLayout L, int warps_per_block) {
@@ -165,6 +153,8 @@ topk_encode_kernel(const void* __restrict__ x, int dtype, float* __restrict__ e,
   for (long p = lane; p < ib; p += 32) io[p] = thr::cmp::stream_byte(idx, kk, L.ibits, p);
 }
 
+// Decoders: one warp per chunk (top-k: indices are distinct within a payload, so no atomics)
+// and one thread per element (blockwise).
 __global__ void __launch_bounds__(128)
 topk_decode_kernel(const uint8_t* __restrict__ p, float* __restrict__ out, int32_t* __restrict__ count,
                    TopKLayout L) {
@@ -203,6 +193,9 @@ __device__ float warp_pairwise_sum(float* a, float* b, int np, int lane) {
   return src[0];
 }
 
+// quant_encode: one warp per block (<= 4096), v in shared memory; absmax by a warp max;
+// mean and sigma by the pairwise tree of common/compress.h in shared memory (ping-pong
+// buffers, a __syncwarp per level); lanes then write whole code bytes and the updated e.
 __global__ void __launch_bounds__(128)
 quant_encode_kernel(const void* __restrict__ x, int dtype, float* __restrict__ e, uint8_t* __restrict__ out,
                     QuantLayout L, int np, int warps_per_block) {
@@ -288,12 +281,6 @@ template <typename K>
 void set_smem(K kernel, size_t bytes) {
   if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(bytes));
-}
-
-void check_dtype(const char* what, int dtype) {
-  if (dtype != thr::kFloat32 && dtype != thr::kBFloat16 && dtype != thr::kFloat16)
-    throw std::invalid_argument(std::string(what) + ": unsupported dtype code " + std::to_string(dtype) +
-                                " (CUDA supports float32, bfloat16, float16)");
 }
 
 }  // namespace

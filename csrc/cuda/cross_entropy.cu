@@ -1,19 +1,8 @@
-// CUDA kernels for the weighted cross-entropy op family (python/thresher/ops/cross_entropy.py,
-// backend "cuda"); the CPU twin is csrc/cpu/cross_entropy.cpp, with the same raw-pointer
-// interface. No torch headers: pointers, shapes, strides, a dtype code and the stream come
-// in as integers from the Python layer, which validated them.
-//
-// One block per row (a grid-stride loop over rows past 2^31 - 1 rows).
-//   forward:  pass 1 reads the row once with 16-byte loads and keeps a per-thread online
-//             log-sum-exp (and sum x for label smoothing); a warp-shuffle + shared-memory
-//             reduction gives the row's lse, and thread 0 writes lse and the loss.
-//             Pass 2 (only when a gradient is wanted) re-reads the row, mostly from L2, and
-//             writes coef * dl/dx; thread 0 then rewrites the target element.
-//   backward: pass 2 only, from the saved lse.
-// grad may alias logits (the fused linear op overwrites its logits chunk): each element is
-// read before it is written by the thread that owns it, and x[target] is read before the
-// block barrier that precedes any write.
-// The per-thread sweeps and all per-element maths are in common/cross_entropy.h (host-tested).
+// CUDA kernels of the weighted cross-entropy op family (python/thresher/ops/cross_entropy.py,
+// backend "cuda"): the launchers of cuda/cross_entropy.h, bound by cuda/cross_entropy_bind.cpp;
+// the CPU twin is cpu/cross_entropy.cpp. The per-thread sweeps and all per-element maths are
+// cuda/cross_entropy_device.cuh and common/ (host-tested); this file adds the block reduction
+// and the launches.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -22,6 +11,10 @@
 #include <string>
 
 #include "common/cross_entropy.h"
+#include "common/math.h"
+#include "cuda/cross_entropy.h"
+#include "cuda/cross_entropy_device.cuh"
+#include "cuda/runtime.h"
 
 namespace {
 
@@ -71,6 +64,16 @@ __device__ __forceinline__ Partial block_reduce(Partial p, BlockScratch& sh) {
   return p;
 }
 
+// One block per row (a grid-stride loop over rows past 2^31 - 1 rows).
+//   forward:  pass 1 reads the row once with 16-byte loads and keeps a per-thread online
+//             log-sum-exp (and sum x for label smoothing); a warp-shuffle + shared-memory
+//             reduction gives the row's lse, and thread 0 writes lse and the loss.
+//             Pass 2 (only when a gradient is wanted) re-reads the row, mostly from L2, and
+//             writes coef * dl/dx; thread 0 then rewrites the target element.
+//   backward: pass 2 only, from the saved lse.
+// grad may alias logits (the fused linear op overwrites its logits chunk): each element is
+// read before it is written by the thread that owns it, and x[target] is read before the
+// block barrier that precedes any write.
 template <int D>
 __global__ void __launch_bounds__(thr::ce::kMaxThreads)
 ce_forward_kernel(const typename Elem<D>::S* logits, long N, int V, long stride,
@@ -146,14 +149,6 @@ ce_backward_kernel(const typename Elem<D>::S* logits, long N, int V, long stride
   }
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("thresher: ") + what + " launch failed: " +
-                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-  }
-}
-
 // Makes the logits' device current for the launch (the stream belongs to it), restoring the
 // caller's device afterwards.
 class DeviceGuard {
@@ -217,34 +212,8 @@ void backward_launch(uintptr_t logits, long N, long V, long stride, uintptr_t ta
   check_launch("ce_backward_cuda");
 }
 
-[[noreturn]] void bad_dtype(const char* what, int dtype) {
-  throw std::invalid_argument(std::string(what) + ": unsupported dtype code " + std::to_string(dtype) +
-                              " (CUDA supports float32, bfloat16, float16)");
-}
-
 }  // namespace
 
-// "" when this module's CUDA runtime can use a device, else why not (e.g. a driver older than
-// the toolkit the module was built with: cudaErrorInsufficientDriver). For the Python layer's
-// backend check, so that an unusable module is reported instead of failing at the first call.
-std::string cuda_runtime_status() {
-  int n = 0;
-  const cudaError_t err = cudaGetDeviceCount(&n);
-  if (err == cudaSuccess && n > 0) return std::string();
-  cudaGetLastError();
-  int drv = 0, rt = 0;
-  cudaDriverGetVersion(&drv);
-  cudaRuntimeGetVersion(&rt);
-  auto ver = [](int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); };
-  std::string why = err != cudaSuccess
-      ? std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err)
-      : std::string("no CUDA device");
-  return why + " (thresher._C_cuda has CUDA runtime " + ver(rt) + "; the driver supports " +
-         (drv ? "CUDA " + ver(drv) : std::string("no CUDA: no driver found")) + ")";
-}
-
-// lse/loss/coef are float32, target int64; dtype codes as thr::DType (float64 unsupported).
-// grad == 0: no gradient; otherwise coef must be given and grad may equal logits.
 void ce_forward_cuda(uintptr_t logits, long N, long V, long row_stride, int dtype,
                      uintptr_t target, uintptr_t lse, uintptr_t loss, uintptr_t grad,
                      long grad_row_stride, uintptr_t coef, long ignore_index, double eps,

@@ -1,17 +1,9 @@
 // CUDA kernels of the low-rank Adam op family (python/thresher/ops/lowrank.py, backend
-// "cuda"); the CPU twin is csrc/cpu/lowrank.cpp, with the same raw-pointer interface and the
-// same per-element maths (common/lowrank.h). The GEMMs (projection, and the back-projection
-// with the GaLore update folded in as addmm's beta/alpha) are cuBLAS calls made by PyTorch.
-//
-//   lowrank_moments: one thread per column of the (rows = rank) x cols low-rank tensor; it
-//     walks the column's `rows` elements, updates m and v, writes the direction over r and
-//     keeps the column's sum of v_hat in a register (LoRDO's D): no atomics, no shared memory.
-//     Side "left" (r x q row-major, col_stride 1): neighbouring threads read neighbouring
-//     addresses (coalesced). Side "right" (p x r seen transposed, row_stride 1) is strided,
-//     but the tensor is small (p r elements).
-//   lowrank_fullrank_update: LoRDO's full-rank term p[i, j] -= g[i, j] * w[j or i]; a
-//     grid-stride loop over rows x columns, one read of p and g and one write of p.
-// float32, bfloat16, float16 storage; fp32 maths.
+// "cuda"): the launchers of cuda/lowrank.h, bound by cuda/lowrank_bind.cpp; the CPU twin is
+// cpu/lowrank.cpp, with the same raw-pointer interface and the same per-element maths
+// (common/lowrank.h). The GEMMs (projection, and the back-projection with the GaLore update
+// folded in as addmm's beta/alpha) are cuBLAS calls made by PyTorch. float32, bfloat16,
+// float16 storage; fp32 maths.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -20,6 +12,9 @@
 #include <string>
 
 #include "common/lowrank.h"
+#include "common/math.h"
+#include "cuda/lowrank.h"
+#include "cuda/runtime.h"
 
 namespace {
 
@@ -42,6 +37,11 @@ template <> struct St<thr::kFloat16> {
 
 constexpr int kThreads = 256;
 
+// One thread per column of the (rows = rank) x cols low-rank tensor; it walks the column's
+// `rows` elements, updates m and v, writes the direction over r and keeps the column's sum of
+// v_hat in a register (LoRDO's D): no atomics, no shared memory. Side "left" (r x q row-major,
+// col_stride 1): neighbouring threads read neighbouring addresses (coalesced). Side "right"
+// (p x r seen transposed, row_stride 1) is strided, but the tensor is small (p r elements).
 template <int D>
 __global__ void __launch_bounds__(kThreads)
 lowrank_moments_kernel(typename St<D>::S* r, typename St<D>::S* m, typename St<D>::S* v,
@@ -64,6 +64,8 @@ lowrank_moments_kernel(typename St<D>::S* r, typename St<D>::S* m, typename St<D
   }
 }
 
+// LoRDO's full-rank term p[i, j] -= g[i, j] * w[j or i]: a grid-stride loop over rows x
+// columns, one read of p and g and one write of p.
 template <int D>
 __global__ void __launch_bounds__(kThreads)
 lowrank_fullrank_kernel(typename St<D>::S* p, const typename St<D>::S* __restrict__ g,
@@ -80,22 +82,9 @@ lowrank_fullrank_kernel(typename St<D>::S* p, const typename St<D>::S* __restric
   }
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("thresher: ") + what + " launch failed: " +
-                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-  }
-}
-
 unsigned blocks_for(long n) {
   const long b = (n + kThreads - 1) / kThreads;
   return static_cast<unsigned>(b < 65535L * 32 ? (b > 0 ? b : 1) : 65535L * 32);
-}
-
-[[noreturn]] void bad_dtype(const char* what, int dtype) {
-  throw std::invalid_argument(std::string(what) + ": unsupported dtype code " +
-                              std::to_string(dtype) + " (CUDA supports float32, bfloat16, float16)");
 }
 
 template <int D>
@@ -124,8 +113,7 @@ void lowrank_moments_cuda(uintptr_t r, uintptr_t m, uintptr_t v, long rows, long
                           long row_stride, long col_stride, int dtype, double beta1, double beta2,
                           double bc1, double bc2, double eps, uintptr_t dsum, uintptr_t stream) {
   if (rows < 0 || cols < 0) throw std::invalid_argument("lowrank_moments: negative shape");
-  if (dtype != thr::kFloat32 && dtype != thr::kBFloat16 && dtype != thr::kFloat16)
-    bad_dtype("lowrank_moments", dtype);
+  check_dtype("lowrank_moments", dtype);
   if (rows == 0 || cols == 0) return;
   const auto c = thr::lowrank::adam_coef<float>(beta1, beta2, bc1, bc2, eps);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
@@ -141,8 +129,7 @@ void lowrank_fullrank_update_cuda(uintptr_t p, uintptr_t g, uintptr_t w, long ro
                                   uintptr_t stream) {
   if (rows < 0 || cols < 0) throw std::invalid_argument("lowrank_fullrank_update: negative shape");
   if (axis != 0 && axis != 1) throw std::invalid_argument("lowrank_fullrank_update: axis must be 0 or 1");
-  if (dtype != thr::kFloat32 && dtype != thr::kBFloat16 && dtype != thr::kFloat16)
-    bad_dtype("lowrank_fullrank_update", dtype);
+  check_dtype("lowrank_fullrank_update", dtype);
   if (rows == 0 || cols == 0) return;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {

@@ -1,16 +1,17 @@
 """The CUDA cross-entropy kernels' per-thread code, run on the CPU.
 
 csrc/cuda/cross_entropy.cu is a thin shell (block reduction + launch) around the
-__host__ __device__ sweeps of csrc/common/cross_entropy.h. This test compiles that header
-with the host C++ compiler into a small library that plays one CUDA block per row: every
-"thread" runs the same row_partial / row_grad / row_zero calls as on the GPU, with the
-launcher's thread count, and the partials are merged in the kernel's butterfly order (warp
-shuffles, then warp 0 over the warps' results). The output is compared with the op's
-reference. This checks, without a GPU, the row split (unaligned head, 16-byte vectors,
-tail), the thread -> element mapping (every element written once: the gradient buffer starts
-as NaN), strided rows, grad aliasing logits, grad aligned differently from logits, ignored
-rows, zero coefficients, label smoothing and z-loss, for fp32, bf16 and fp16; and that no
-16-byte access is misaligned (it would fault on the GPU, not on the host).
+__host__ __device__ sweeps of csrc/cuda/cross_entropy_device.cuh (and the maths of
+csrc/common/ it includes). This test compiles that header with the host C++ compiler into a
+small library that plays one CUDA block per row: every "thread" runs the same row_partial /
+row_grad / row_zero calls as on the GPU, with the launcher's thread count, and the partials
+are merged in the kernel's butterfly order (warp shuffles, then warp 0 over the warps'
+results). The output is compared with the op's reference. This checks, without a GPU, the
+row split (unaligned head, 16-byte vectors, tail), the thread -> element mapping (every
+element written once: the gradient buffer starts as NaN), strided rows, grad aliasing
+logits, grad aligned differently from logits, ignored rows, zero coefficients, label
+smoothing and z-loss, for fp32, bf16 and fp16; and that no 16-byte access is misaligned (it
+would fault on the GPU, not on the host).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ HARNESS = r"""
 #define THR_CE_HOST_CHECKS 1
 #include <cstdint>
 #include <vector>
-#include "common/cross_entropy.h"
+#include "cuda/cross_entropy_device.cuh"
 
 static long g_misaligned = 0;
 extern "C" void thr_ce_misaligned(const void*) { ++g_misaligned; }
