@@ -2,6 +2,7 @@
 causality sanity, presets' sizes, torch.func compatibility of the "torch" loss."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,15 @@ def test_config_errors():
         GPTConfig(vocab_size=10, d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="preset"):
         GPTConfig.preset("huge", 10)
+    with pytest.raises(ValueError, match=r"GPTConfig.n_layers must be >= 1, got 0"):
+        GPTConfig(vocab_size=10, n_layers=0)
+    with pytest.raises(TypeError, match=r"GPTConfig.vocab_size must be an int, got float"):
+        GPTConfig(vocab_size=10.0)
+    with pytest.raises(ValueError, match=r"GPTConfig.d_ff must be >= 1"):
+        GPTConfig(vocab_size=10, d_ff=0)
+    with pytest.raises(ValueError, match=r"GPTConfig.dropout must be in \[0.0, 1.0\), got 1.0"):
+        GPTConfig(vocab_size=10, dropout=1.0)
+    assert type(GPTConfig(vocab_size=np.int64(10)).vocab_size) is int  # numpy ints accepted
     m = small()
     with pytest.raises(ValueError, match="max_seq_len"):
         m(torch.zeros(1, 17, dtype=torch.long))

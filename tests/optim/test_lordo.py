@@ -213,6 +213,10 @@ def test_bad_param_group_hyper_parameter_is_named():
         LoRDO(groups, rank=2)
     with pytest.raises(TypeError, match="seed must be an int"):
         LoRDO(net.parameters(), rank=2, seed=1.5)
+    with pytest.raises(TypeError, match="rank must be an int, got float"):
+        LoRDO(net.parameters(), rank=2.0)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['rank'\] must be >= 1, got 0"):
+        LoRDO([dict(params=[net.w1, net.w2]), dict(params=[net.b], rank=0)], rank=2)
 
 
 def test_state_dict_weights_only_roundtrip(tmp_path):

@@ -130,8 +130,10 @@ def test_registry_and_errors():
         build_scorer("loss", vocab_size=0)
     with pytest.raises(ValueError, match="unknown option"):
         build_scorer("color", vocab_size=10, stepz=3)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ValueError, match=r"temperature must be in \(0.0, inf\], got 0.0"):
         build_scorer("qurating", vocab_size=10, temperature=0.0)
+    with pytest.raises(TypeError, match="temperature must be a number, got str"):
+        build_scorer("qurating", vocab_size=10, temperature="2")
     sc = build_scorer("random", vocab_size=10)
     with pytest.raises(RuntimeError, match="before fit"):
         sc.score(object())

@@ -10,6 +10,7 @@ tests are imported in importlib mode, without packages).
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
 
 import pytest
@@ -422,6 +423,9 @@ def test_schedule_dependent_defaults():
     ({"ref_schedule": "warm"}, ValueError, "ref_schedule"),
     ({"ref_warmup_steps": -1}, ValueError, "ref_warmup_steps"),
     ({"ref_warmup_steps": 1.5}, TypeError, "ref_warmup_steps"),
+    ({"ref_betas": (0.9, 1.0)}, ValueError, r"ref_betas\[1\] must be < 1"),
+    ({"ref_weight_decay": -0.1}, ValueError, r"ref_weight_decay must be in \[0.0, inf\]"),
+    ({"ref_grad_clip": math.inf}, ValueError, "ref_grad_clip must be a finite number"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     val, _ = two_domain_data(4)

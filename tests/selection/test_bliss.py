@@ -224,3 +224,7 @@ def test_bliss_option_errors():
     assert bliss_mod.BlissConfig().lr_z == "auto"
     with pytest.raises(ValueError, match="power_iters"):
         build_scorer("bliss", vocab_size=10, power_iters=0)
+    with pytest.raises(ValueError, match=r"BLISS option betas\[0\] must be in"):
+        build_scorer("bliss", vocab_size=10, betas=(-0.1, 0.9))
+    with pytest.raises(ValueError, match="BLISS option weight_decay must be in"):
+        build_scorer("bliss", vocab_size=10, weight_decay=-1.0)

@@ -347,6 +347,11 @@ def test_bad_arguments():
         build_online_selector("rho", m, torch.full((3, 5), -100))
     with pytest.raises(TypeError, match="val_data"):
         build_online_selector("rho", m, [1, 2, 3])
+    val = torch.randint(0, 8, (4, 6))
+    with pytest.raises(ValueError, match=r"ref_betas must be a pair"):
+        build_online_selector("rho", m, val, ref_betas=0.9)
+    with pytest.raises(ValueError, match=r"ref_lr must be in \(0.0, inf\], got 0.0"):
+        build_online_selector("rho", m, val, ref_lr=0.0)
     sel = HighLossSelector(m)
     with pytest.raises(ValueError, match="input_ids"):
         sel.select(torch.zeros(5, dtype=torch.long))

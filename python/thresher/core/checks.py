@@ -74,8 +74,9 @@ def check_choice(name: str, value, choices: Sequence) -> None:
 
 
 def check_range(name: str, value: float, lo: float, hi: float, *, finite: bool = False) -> None:
-    """``lo <= value <= hi`` (NaN fails); ``finite``: also not +-inf."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    """``lo <= value <= hi`` (NaN fails); ``finite``: also not +-inf. Any real number but a
+    bool (numpy scalars too, as :func:`check_int` takes numpy integers)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (lo <= value <= hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
@@ -96,10 +97,10 @@ def check_finite_range(name: str, value, lo: float = -math.inf, hi: float = math
     """``check_range`` that also refuses NaN and +-inf (an infinite learning rate, eps or
     weight decay turns every update into inf or NaN) and can exclude either end. The one
     check every hyper-parameter of the ops and optimizers goes through."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
-    check_range(name, value, lo, hi)
-    if (lo_open and value == lo) or (hi_open and value == hi):
+    check_range(name, value, -math.inf, math.inf)  # a real number
+    if not ((lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)):
         raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}"
                          f"{')' if hi_open else ']'}, got {value}")
     return float(value)

@@ -1,23 +1,12 @@
 """``ThresherTrainer``: the HF ``Trainer`` with thresher's fused loss, online data selection and
-optimizers (docs/integrations.md).
+optimizers.
 
-* The model is patched with :func:`apply_thresher` (the fused loss, no ``(B*T, V)`` logits).
-* ``selector=`` (a name of ``thresher.selection.online.ONLINE_SELECTORS`` or a built
-  selector): every micro-batch of an accumulation window is scored when the window is
-  fetched (``get_batch_samples``: the parameters cannot change inside a window), its ``alpha``
-  goes into the batch as ``sample_weight``/``token_weight``, and ``num_items_in_batch`` becomes
-  the alpha-weighted target count of the window, so gradient accumulation gives exactly the
-  gradient of the weighted mean over the whole window.
-* thresher's optimizers go in through ``optimizers=(opt, None)`` or
-  ``optimizer_cls_and_kwargs``. LowRankAdam works anywhere. The distributed ones (LoRDO,
-  DiLoCo, SparseLoCo, DDPAdamW, LowRankDDP) communicate themselves, so under ``torchrun`` the
-  model is *not* wrapped in ``DistributedDataParallel`` (each rank trains its own copy on its
-  own shard of the data); settings that would wrap it anyway (DeepSpeed, FSDP, several GPUs
-  per process) are refused with an error.
-* Checkpoints: besides the Trainer's own files, every rank writes ``thresher_rank{r}.pt`` with
-  its selector state and, with a self-communicating optimizer, its optimizer state and model
-  weights (ranks differ between syncs); ``resume_from_checkpoint`` restores them, so a resumed
-  run continues bit-identically on the CPU.
+The model is patched with :func:`apply_thresher`; ``selector=`` scores every micro-batch of an
+accumulation window and weights the loss with its ``alpha`` (gradient accumulation stays
+exact); thresher's optimizers go in through ``optimizers=`` or ``optimizer_cls_and_kwargs``,
+and one that communicates itself (a ``thresher.optim.DistMixin``) keeps the model out of
+``DistributedDataParallel``; every rank checkpoints its selector and optimizer state in
+``thresher_rank{r}.pt``. Details and limits: docs/integrations.md, "ThresherTrainer".
 """
 from __future__ import annotations
 
@@ -27,13 +16,9 @@ import torch
 from transformers import Trainer
 from transformers.utils import logging
 
-from thresher.optim._dist import DistMixin
-from thresher.selection.online import (
-    ONLINE_SELECTORS,
-    IGNORE_INDEX,
-    OnlineSelector,
-    build_online_selector,
-)
+from thresher.core.constants import IGNORE_INDEX
+from thresher.optim import DistMixin
+from thresher.selection.online import ONLINE_SELECTORS, OnlineSelector, build_online_selector
 
 from .transformers import ThresherLM, apply_thresher, is_thresher_patched
 

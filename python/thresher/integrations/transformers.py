@@ -1,23 +1,13 @@
 """``apply_thresher``: the fused ``linear_weighted_cross_entropy`` inside any Hugging Face causal
-LM's own ``forward`` (docs/integrations.md has the details and the limits).
+LM's own ``forward``, with ``sample_weight``/``token_weight``/``loss_reduction``; and
+``ThresherLM``, the thresher loss API over such a model (for the online selectors).
 
-How it stays generic. A patched ``forward`` runs the model's original ``forward`` with
-``labels=None`` while the LM head (``get_output_embeddings()``) is *tapped*: the head records
-its input -- the hidden states exactly as the model feeds them to it, after the final norm and
-any family-specific rescaling -- and returns a tiny probe tensor ``(B, T, P)`` instead of the
-``(B, T, V)`` logits. Whatever the family does to its logits afterwards is then applied to the
-probe. The loss is computed from the recorded hidden states and the head's ``weight``/``bias``
-by the fused op, with the family's final-logit transform reproduced from its config::
-
-    logits <- softcap * tanh(scale * (h W^T + b) / softcap)
-
-``scale`` is Cohere's ``logit_scale`` or 1 / Granite's ``logits_scaling`` (folded into ``h`` and
-``b``), ``softcap`` Gemma 2/3's ``final_logit_softcapping``. The first labelled call of every
-model instance checks that the transform seen by the probe is exactly that one (and, for a head
-that is not an ``nn.Linear``, that the head is affine): a family that post-processes its
-logits in any other way gets an error naming it instead of a silently different loss.
-
-Without labels the original ``forward`` runs untouched (generation, ``logits_to_keep``).
+A patched ``forward`` runs the original one with ``labels=None`` while the LM head is tapped:
+it records the hidden states it is fed and returns a small probe instead of the ``(B, T, V)``
+logits. The loss is computed from those hidden states and the head's weights, with the
+family's final-logit scale and soft-cap reproduced from its config, and the first labelled
+call checks that transform on the probe. Without labels the original ``forward`` runs
+untouched. How, and the limits: docs/integrations.md.
 """
 from __future__ import annotations
 
@@ -31,7 +21,7 @@ from torch import Tensor, nn
 
 from thresher.models.gpt import logit_transform
 from thresher.ops import linear_weighted_cross_entropy
-from thresher.core.checks import IGNORE_INDEX, check_choice, check_tensor
+from thresher.core.checks import IGNORE_INDEX, LOSS_REDUCTIONS, check_choice, check_tensor
 
 __all__ = [
     "LOSS_REDUCTIONS",
@@ -42,7 +32,6 @@ __all__ = [
     "ThresherLM",
 ]
 
-LOSS_REDUCTIONS = ("mean", "sum", "sample", "none")
 # Probe values returned by the tapped head: spread over the range where soft-capping (Gemma's
 # cap is 30) and scaling are both visible, so a wrong transform cannot pass the check.
 _PROBE = (-55.0, -12.0, -1.5, 0.0, 0.75, 6.0, 24.0, 70.0)
@@ -97,7 +86,7 @@ def _logits_of(out):
 
 def _verify(model, head: nn.Module, out, hidden: Tensor, scale: float, softcap) -> None:
     """One-time check that the model's logits are ``transform(head(h))`` with the affine head
-    the fused loss uses (see the module docstring)."""
+    the fused loss uses (docs/integrations.md, "How it stays generic")."""
     name = type(model).__name__
     tol = dict(rtol=1e-5, atol=1e-5) if hidden.dtype in (torch.float32, torch.float64) \
         else dict(rtol=2e-2, atol=2e-2)

@@ -2,20 +2,12 @@
 model built on it, and an adapter giving any HF causal LM the same loss API.
 
 Every model here exposes ``forward(input_ids) -> hidden (B, T, d)`` (after the final norm),
-``lm_weight``/``lm_bias`` (the LM head) and, through :class:`CausalLMLoss`,
-``loss(input_ids, labels=None, *, reduction=..., sample_weight=None, token_weight=None,
-backend="auto")`` and ``sample_losses(input_ids, labels=None)``. The loss never builds the
-``(B*T, V)`` logits in the default backends: it goes through the fused
-``thresher.ops.linear_weighted_cross_entropy``.
-
-Why ``backend="torch"``. The fused op is an ``autograd.Function``: double backward through it
-is exact (its backward recomputes through differentiable ops when ``create_graph=True``), but
-it has no ``setup_context``, so ``torch.func`` transforms (``jvp``, ``vmap``) refuse it. BLISS
-needs forward-mode JVPs of the per-sample loss vector, so ``backend="torch"`` selects the
-op's composable backend (plain PyTorch ops, the same weights and reductions). It materialises
-the logits, ``B*T*V*4`` bytes (64 x 128 x 4096 x 4 = 128 MiB), which is fine for a proxy.
-Attention in that path is forced onto SDPA's math kernel: the CPU flash kernel has neither a
-forward-AD formula nor a double backward.
+``lm_weight``/``lm_bias`` (the LM head) and, through :class:`CausalLMLoss`, ``loss(input_ids,
+labels=None, *, reduction, sample_weight, token_weight, backend="auto")`` and
+``sample_losses``. The loss goes through the fused ``thresher.ops.linear_weighted_cross_entropy``
+and never builds the ``(B*T, V)`` logits, except with ``backend="torch"``: the composable
+path ``torch.func`` transforms need (BLISS's forward-mode JVPs; why and what it costs:
+docs/algorithms.md §1, "Why backend='torch'").
 """
 from __future__ import annotations
 
@@ -28,7 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from thresher.ops import linear_weighted_cross_entropy
-from thresher.core.checks import IGNORE_INDEX, check_choice, check_tensor
+from thresher.core.checks import (
+    IGNORE_INDEX,
+    check_choice,
+    check_finite_range,
+    check_int,
+    check_optional_int,
+    check_tensor,
+)
 
 __all__ = [
     "GPTConfig",
@@ -63,9 +62,8 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {v!r}")
+            setattr(self, name, check_int(f"GPTConfig.{name}", getattr(self, name), 1))
+        self.d_ff = check_optional_int("GPTConfig.d_ff", self.d_ff, 1)
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"GPTConfig.d_model ({self.d_model}) must be a multiple of n_heads "
@@ -73,8 +71,7 @@ class GPTConfig:
         if self.d_ff is None:
             # llama's rule: 2/3 of 4d, rounded up to a multiple of 8
             self.d_ff = 8 * math.ceil(8 * self.d_model / 3 / 8)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        check_finite_range("GPTConfig.dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
     @classmethod
     def preset(cls, name: str, vocab_size: int, **overrides) -> "GPTConfig":

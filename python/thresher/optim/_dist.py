@@ -1,24 +1,9 @@
 """Shared machinery of the distributed optimizers (LoRDO, DDPAdamW, LowRankDDP, DiLoCo,
-SparseLoCo): the process group, the construction-time agreement of the ranks, exact byte
-accounting, the AdamW arithmetic every method reuses, hyper-parameter checks and checkpoint
-helpers. The collectives themselves (timeouts, :class:`CollectiveError`) are
-``thresher.comm.collectives``'s, shared with the compressed messages.
-
-Byte accounting. ``opt.comm_bytes`` is the *payload one rank contributes* to the collectives
-it issued while stepping, summed over the run: ``numel * element_size`` for an all-reduce of
-a dense buffer (a ring all-reduce moves ``2 (M-1)/M`` times that over the wire; the payload
-is the topology-free number the papers compare); compressed messages are counted by
-``thresher.comm`` (the packed bytes + a 16-byte header per tensor). Nothing is counted when
-the world has one rank, because no collective is issued. The one-off construction traffic
-(the agreement check and the broadcast of the initial parameters) is not counted.
-
-Agreement (at construction, world > 1). Every optimizer describes itself -- its class, its
-settings, every param group's hyper-parameters, and each parameter's shape and dtype -- and
-the ranks all_gather a 63-bit hash of that description (16 bytes per rank). If the hashes
-differ, the descriptions are gathered and every rank raises the same ValueError naming what
-differs and each rank's value; otherwise rank 0's parameters are broadcast to every rank, as
-torch's DistributedDataParallel does, so different seeds cannot leave the ranks apart.
-See docs/distributed.md.
+SparseLoCo): :class:`DistMixin` (the process group, the construction-time agreement of the
+ranks, byte accounting, checkpoints), the AdamW arithmetic every method reuses, the outer step
+and the param groups' hyper-parameter checks. The collectives themselves (timeouts,
+:class:`CollectiveError`) are ``thresher.comm.collectives``'s. What ``comm_bytes`` counts and
+how the ranks are made to agree: docs/distributed.md.
 """
 from __future__ import annotations
 
@@ -105,7 +90,7 @@ class DistMixin:
     def _dist_init(self, process_group=None, timeout=None) -> None:
         """The last call of every constructor, after its own argument checks: resolves the
         group, checks the param groups' hyper-parameters, checks that the ranks agree and
-        broadcasts rank 0's parameters (see the module docstring)."""
+        broadcasts rank 0's parameters (docs/distributed.md)."""
         self.dist = resolve_group(process_group, timeout)
         check_group_hparams(self)
         self._check_groups()
@@ -127,7 +112,8 @@ class DistMixin:
 
     @property
     def comm_bytes(self) -> int:
-        """Payload bytes this rank has sent since construction (see the module docstring)."""
+        """Payload bytes this rank has sent since construction (docs/distributed.md, "Byte
+        accounting")."""
         return self._counters["comm_bytes"]
 
     @property

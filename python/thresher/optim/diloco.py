@@ -1,22 +1,11 @@
 """DiLoCo and SparseLoCo: H local AdamW steps, then an outer step on the averaged
-pseudo-gradient (docs/algorithms.md §4). No model wrapper; the user calls ``opt.step()``.
+pseudo-gradient. No model wrapper; the user calls ``opt.step()``.
 
-DiLoCo: every ``sync_every`` (H) steps, Δ = mean_m(θ^m − θ_anchor) by one dense all-reduce,
-then outer SGD on ``−Δ`` with Nesterov momentum (lr 0.7, momentum 0.9 by default); with
-lr 1 and no momentum it is plain parameter averaging. Bytes per sync and rank:
-``element_size · Σ numel`` over all parameters.
-
-SparseLoCo: the same outer loop, but each rank accumulates ``e = β e + Δ^m`` (β = 0.95),
-sends ``Q(TopK_chunk(e))`` (``thresher.comm.TopKCodec``: top-k per chunk, 2-bit values
-with a per-chunk scale, 12-bit indices; ``e`` loses what was sent), and the messages are
-all-gathered and averaged over the ranks that sent each index
-(``thresher.comm.sparse_all_gather_mean``). Outer step: SGD lr 1, no momentum by default
-(the error buffer plays momentum's role, as in the paper). Bytes per sync: the packed
-messages plus a 16-byte header each (``thresher.comm.HEADER_BYTES``). Parameters smaller than one chunk
-(norm gains, biases) are averaged densely (4 bytes per element), a documented choice.
-
-Memory per parameter (float32): AdamW's two moments + the anchor (+ the outer momentum
-buffer with momentum > 0; + the error buffer for SparseLoCo) = 3-5 x 4 bytes per element.
+DiLoCo averages the change since the last sync with one dense all-reduce and takes an outer
+SGD step with Nesterov momentum; SparseLoCo keeps an error buffer per parameter and sends
+only its top-k per chunk, quantised (``thresher.comm.TopKCodec``), averaged over the ranks
+that sent each index. The outer loop, the defaults, the bytes per sync and the memory:
+docs/algorithms.md §4 "DDP, low-rank DDP, DiLoCo, SparseLoCo".
 """
 from __future__ import annotations
 

@@ -1,58 +1,18 @@
-"""LoRDO: distributed low-rank optimisation with infrequent communication (docs/algorithms.md §3,
-arXiv 2602.04396).
+"""LoRDO: distributed low-rank optimisation with infrequent communication (arXiv 2602.04396).
 
-Each rank keeps its own copy of the model (no DDP wrapper; the user calls ``opt.step()``
-after ``loss.backward()`` on its local batch). For a matrix parameter G (p x q) with the
-shared rank-r basis Q, every local step is::
-
-    Ĝ  = clip(grad, ρ)                     (global norm over all parameters of the optimizer)
-    g  = Qᵀ (Ĝ + E)          E = Ĝ + E − Q g          (projection with error feedback)
-    u  = β1 u + (1−β1) g     v = β2 v + (1−β2) g²     (low-rank moments, r x q)
-    θ ← θ − η [ (1−ω) Ĝ / (μ (D + ε)) + ω Q (û / (√v̂ + ε)) ]
-
-(written for the "left" side; "right" reduces the columns, R = G Q), with the whole step
-(projection, error feedback, moments, normaliser, decoupled weight decay) done by
-``thresher.ops.lowrank.lowrank_adam_step(..., error=E, omega=ω, mu=μ)``. Vectors and scalars
-take plain AdamW steps. Every ``sync_every`` steps all ranks average Δ = θ^m − θ_anchor
-(one all-reduce, or a compression codec with error feedback), take the outer step, and
-recompute every Q from the averaged Δ with a seed shared by all ranks, so the bases stay
-identical everywhere without being sent.
-
-Choices (docs/algorithms.md §3 marks them (choice); each is an argument):
-- ``D``: column-wise RMS of √v̂ over the rank dimension, broadcast over the other one (what
-  ``lowrank_adam_step`` computes); the low-rank moments are bias-corrected (Adam's rule).
-- ``side="auto"``: GaLore's rule (p >= q -> "right", else "left"); or force "left"/"right".
-- ``proj``: how Q is recomputed from Δ at a sync (``refresh_projection``'s methods): "svd"
-  (exact top-r singular vectors), "power" (one power iteration warm-started from the
-  previous Q), "random" (randomised SVD from the shared seed).
-- ``init_proj``: the first Q, before any Δ exists: "random" (the top-r basis of a Gaussian
-  matrix drawn from the shared seed: a random subspace, no communication) or "grad" (top-r of the all-reduced first gradient;
-  costs one dense gradient all-reduce, counted in ``comm_bytes``).
-- ``moments``: what the low-rank moments do when Q changes: "keep" (GaLore) or "reset".
-- ``outer``: "average" (θ = θ_anchor + Δ) or "nesterov" (DiLoCo's outer SGD with Nesterov
-  momentum, ``outer_lr``/``outer_momentum``).
-- ``compression``: None (dense float32 all-reduce of Δ), or a codec name ("topk",
-  "quant8", "quant4", "quant2", or a ``thresher.comm.Codec``; settings in
-  ``compression_options``, e.g. ``dict(k=64, chunk=4096, bits=2)``) applied to every
-  matrix's Δ^m (low-rank or not: the embedding is often the largest) with its own
-  error-feedback buffer, all-gathered and averaged (top-k: over the ranks that sent each
-  index); vectors and scalars are always averaged densely (they are tiny).
-- The error buffer E stays local and is never reset or sent.
-
-Memory per p x q matrix, float32: Q r·min-side·4 bytes, u and v 2·r·(other side)·4, plus the
-full-size E and the anchor (2·p·q·4; the anchor is what every local-update method needs to
-form Δ), plus p·q·4 for the outer momentum ("nesterov") and p·q·4 for the codec's error
-buffer (compression). AdamW's state is 2·p·q·4 for comparison.
-
-Bytes: a dense sync sends ``4 · Σ numel`` (all parameters) per rank; ``init_proj="grad"``
-adds ``4 · Σ numel(matrices)`` once; a codec sync sends each matrix's packed message plus
-a 16-byte header (``thresher.comm``'s accounting) and ``4 · Σ numel(vectors)``.
+Each rank keeps its own copy of the model (no DDP wrapper; call ``opt.step()`` after
+``loss.backward()`` on the local batch). Matrices take low-rank Adam steps with projection
+error feedback and a full-rank quasi-hyperbolic term (one ``lowrank_adam_step`` call each);
+vectors take AdamW steps. Every ``sync_every`` steps the ranks average the change since the
+last sync (dense, or through a compression codec), take the outer step, and recompute every
+basis from the averaged change with a shared seed, so the bases agree without being sent.
+The step, the sync, every option, the memory and the bytes: docs/algorithms.md §3.
 """
 from __future__ import annotations
 
 import torch
 
-from thresher.core.checks import check_choice, check_float, check_int
+from thresher.core.checks import check_choice, check_float, check_int, check_optional_int
 from thresher.ops.lowrank import choose_side, lowrank_adam_step, refresh_projection
 
 from ._codecs import codec_mean_, make_codec
@@ -73,8 +33,8 @@ SIDES = ("auto", "left", "right")
 
 
 class LoRDO(DistMixin, torch.optim.Optimizer):
-    """See the module docstring. ``rank`` may be set per parameter group (``rank=None`` in a
-    group: its matrices take plain AdamW steps, like the vectors)."""
+    """LoRDO (docs/algorithms.md §3). ``rank`` may be set per parameter group (``rank=None``
+    in a group: its matrices take plain AdamW steps, like the vectors)."""
 
     _counter_names = ("step", "comm_bytes", "syncs")
 
@@ -87,8 +47,7 @@ class LoRDO(DistMixin, torch.optim.Optimizer):
                  process_group=None, timeout: float | None = None):
         # lr, omega, mu, betas, eps and weight_decay are checked per param group by
         # _dist_init (check_group_hparams), like every distributed optimizer's
-        if rank is not None:
-            check_int("rank", rank)
+        check_optional_int("rank", rank)
         check_int("sync_every", sync_every)
         if clip is not None:
             check_float("clip", clip, 0.0)
@@ -111,9 +70,7 @@ class LoRDO(DistMixin, torch.optim.Optimizer):
 
     def _check_groups(self) -> None:
         for gi, group in enumerate(self.param_groups):
-            r = group["rank"]
-            if r is not None:
-                check_int(f"param_groups[{gi}]['rank']", r)
+            r = check_optional_int(f"param_groups[{gi}]['rank']", group["rank"])
             check_choice(f"param_groups[{gi}]['side']", group["side"], SIDES)
             for pi, p in enumerate(group["params"]):
                 if p.dim() == 2 and r is not None and r > min(p.shape):

@@ -1,51 +1,11 @@
-"""LowRankAdam: GaLore-style low-rank Adam (docs/algorithms.md §4), a drop-in torch.optim.Optimizer.
+"""LowRankAdam: GaLore-style low-rank Adam, a drop-in ``torch.optim.Optimizer``.
 
-For every 2-D parameter W (p x q) whose smaller side is large enough (below), the gradient is
-projected onto a rank-r basis Q of its smaller side (``thresher.ops.lowrank.choose_side``:
-p >= q -> ``R = G Q``, else ``R = Q^T G``), Adam's moments live on R, and the update is
-back-projected::
-
-    W <- (1 - lr wd) W - lr scale project_back(m_hat / (sqrt(v_hat) + eps))
-
-in one call of the fused op ``thresher.ops.lowrank.lowrank_adam_step`` (two GEMMs, one pass
-over the low-rank tensors, the parameter update folded into the back-projection GEMM).
-Q is recomputed from the current gradient on the first step and then every
-``update_proj_gap`` steps (``refresh_projection``); the moments are kept across a refresh
-(GaLore's choice). ``proj``:
-
-* ``"power"`` (default): the first refresh is a randomised SVD, every later one a single
-  power iteration warm-started from the previous Q (two thin GEMMs and a thin QR). At
-  2048 x 5632, rank 256 it is ~40-100x faster than an SVD and captures 99.97% of the exact
-  basis's gradient energy; the cold first refresh ~99% (benchmarks/bench_lowrank.py).
-* ``"random"``: a randomised SVD from scratch at every refresh (no memory of the old basis).
-* ``"svd"``: the exact top-r singular vectors (``torch.linalg.svd``, what galore-torch's
-  GaLoreAdamW computes) -- the option when the basis must be exact, at 10-100x the cost. Everything else -- vectors, scalars,
-tensors with more than 2 dimensions and small matrices -- takes plain AdamW steps (torch's
-single-tensor AdamW arithmetic).
-
-Which matrices are low-rank: ``min(p, q) > rank`` by default (a matrix no larger than the
-rank gains nothing); with ``min_dim`` set, every matrix with ``min(p, q) >= min_dim`` is, its
-rank clipped to ``min(p, q)`` (``min_dim=1, rank=min(p, q)`` gives a full-rank rotated Adam:
-the known-answer tests use it).
-
-Options (all per parameter group): lr, betas, eps, weight_decay, rank (None: AdamW for the
-whole group), update_proj_gap, scale, proj, side ("auto", "left", "right"), min_dim, niter,
-oversample, seed, backend (of the fused op).
-
-State (``optimizer.state[p]``, tensors only, so ``state_dict()`` survives
-``torch.load(weights_only=True)`` and resumes bit-identically on the CPU):
-
-* low-rank matrix: ``step`` (0-d float32, as torch's AdamW), ``exp_avg`` and ``exp_avg_sq``
-  (the projected shape: ``(r, q)`` or ``(p, r)``) and ``Q`` (``(min side, r)``), all in the
-  parameter's dtype: ``r (2 max(p, q) + min(p, q))`` elements against AdamW's ``2 p q``. No
-  other full-size buffer is kept; each step allocates one transient ``r x max(p, q)``
-  workspace (the projected gradient, overwritten by the update direction), and a refresh
-  the temporaries of its SVD.
-* everything else: ``step``, ``exp_avg``, ``exp_avg_sq`` (parameter-shaped).
-
-Refresh seeds: ``seed + 1000003 * index + refresh_count`` (index = the parameter's position
-in the optimizer), so the "random" sketches are reproducible and differ between matrices.
-Gradient accumulation works as with any optimizer: ``step()`` uses whatever ``p.grad`` holds.
+Every large enough 2-D parameter takes Adam steps on its gradient projected onto a rank-r
+basis Q of its smaller side (one call of the fused ``thresher.ops.lowrank.lowrank_adam_step``);
+Q is recomputed from the gradient every ``update_proj_gap`` steps (``refresh_projection``,
+``proj="power"`` by default). Everything else takes plain AdamW steps. The algorithm, its
+options, state and memory: docs/algorithms.md §4 "LowRankAdam (GaLore)"; the refresh methods
+and their measurements: docs/lowrank-refresh.md.
 """
 from __future__ import annotations
 
@@ -53,7 +13,13 @@ import math
 
 import torch
 
-from thresher.core.checks import check_choice, check_finite_range
+from thresher.core.checks import (
+    check_betas,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_int,
+)
 from thresher.ops.lowrank import (
     METHODS,
     choose_side,
@@ -64,15 +30,9 @@ from thresher.ops.lowrank import (
 __all__ = ["LowRankAdam"]
 
 
-def _check_int(name, value, lo, *, none_ok=False):
-    if value is None and none_ok:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}{' or None' if none_ok else ''}, got {value!r}")
-
-
 class LowRankAdam(torch.optim.Optimizer):
-    """See the module docstring."""
+    """Low-rank Adam (docs/algorithms.md §4). Every option may be set per parameter group;
+    ``rank=None`` makes a group plain AdamW."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: int | None = 128, update_proj_gap: int = 200,
@@ -95,21 +55,17 @@ class LowRankAdam(torch.optim.Optimizer):
         def n(key):  # the argument's name, or param_groups[i]['key'] for a group
             return f"{where}[{key!r}]" if where else key
 
-        check_finite_range(n("lr"), g["lr"], 0.0)
-        betas = g["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{n('betas')} must be a pair (beta1, beta2), got {betas!r}")
-        for i, b in enumerate(betas):
-            check_finite_range(f"{n('betas')}[{i}]", b, 0.0, 1.0, hi_open=True)
-        check_finite_range(n("eps"), g["eps"], 0.0)
-        check_finite_range(n("weight_decay"), g["weight_decay"], 0.0)
-        check_finite_range(n("scale"), g["scale"])
-        _check_int(n("rank"), g["rank"], 1, none_ok=True)
-        _check_int(n("update_proj_gap"), g["update_proj_gap"], 1)
-        _check_int(n("min_dim"), g["min_dim"], 1, none_ok=True)
-        _check_int(n("niter"), g["niter"], 0, none_ok=True)
-        _check_int(n("oversample"), g["oversample"], 0, none_ok=True)
-        _check_int(n("seed"), g["seed"], 0)
+        check_float(n("lr"), g["lr"], 0.0)
+        check_betas(g["betas"], n("betas"))
+        check_float(n("eps"), g["eps"], 0.0)
+        check_float(n("weight_decay"), g["weight_decay"], 0.0)
+        check_float(n("scale"), g["scale"])
+        check_optional_int(n("rank"), g["rank"], 1)
+        check_int(n("update_proj_gap"), g["update_proj_gap"], 1)
+        check_optional_int(n("min_dim"), g["min_dim"], 1)
+        check_optional_int(n("niter"), g["niter"], 0)
+        check_optional_int(n("oversample"), g["oversample"], 0)
+        check_int(n("seed"), g["seed"], 0)
         check_choice(n("proj"), g["proj"], METHODS)
         check_choice(n("side"), g["side"], ("auto", "left", "right"))
 

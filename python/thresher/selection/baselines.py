@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from thresher.core.checks import check_float
+
 from .base import Scorer, build_scorer, per_sample_losses, register_scorer
 
 __all__ = ["RandomScorer", "LossScorer", "ExcessLossScorer", "ColorFilterScorer",
@@ -169,10 +171,8 @@ class QuRatingScorer(Scorer):
     def __init__(self, **kw):
         super().__init__(**kw)
         self._check_options(("base", "temperature", "base_options"))
-        t = float(self._opt("temperature", 2.0))
-        if not t > 0:
-            raise ValueError(f"temperature must be > 0, got {t}")
-        self.temperature = t
+        self.temperature = check_float("temperature", self._opt("temperature", 2.0), 0.0,
+                                       lo_open=True)
         self.base = build_scorer(self._opt("base", "loss"), vocab_size=self.vocab_size,
                                  seed=self.seed, device=self.device,
                                  **self._opt("base_options", {}))

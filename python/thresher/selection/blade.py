@@ -16,17 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from thresher.core.checks import check_choice, check_int
+from thresher.core.checks import IGNORE_INDEX, check_choice, check_float, check_int
 
-from .registry import ONLINE
 from .online import (
-    IGNORE_INDEX,
     OnlineSelector,
     ValStream,
-    check_positive,
     fit_reference,
     make_reference,
+    make_reference_optimizer,
 )
+from .registry import ONLINE
 
 __all__ = ["BLADE", "REF_SCHEDULES"]
 
@@ -36,7 +35,7 @@ REF_SCHEDULES = ("reset", "persistent")
 
 @ONLINE.register("blade")
 class BLADE(OnlineSelector):
-    """Online BLADE selector (see the module docstring and docs/blade.md).
+    """Online BLADE selector (docs/algorithms.md §2 and docs/blade.md).
 
     Parameters: ``model`` (theta, trained by the caller), ``val_data`` (target-distribution
     samples: ``thresher.data.Samples``, a (N, T) LongTensor or ``(input_ids, labels)``),
@@ -62,8 +61,8 @@ class BLADE(OnlineSelector):
         super().__init__(model, gamma=gamma, granularity=granularity)
         self.tau = check_int("tau", tau, 1)
         self.ref_steps = check_int("ref_steps", ref_steps, 1)
-        self.lam = check_positive("lam", lam, allow_zero=True)
-        self.ref_grad_clip = check_positive("ref_grad_clip", ref_grad_clip, allow_zero=True)
+        self.lam = check_float("lam", lam, 0.0)
+        self.ref_grad_clip = check_float("ref_grad_clip", ref_grad_clip, 0.0)
         check_choice("ref_schedule", ref_schedule, REF_SCHEDULES)
         self.ref_schedule = ref_schedule
         if ref_warmup_steps is None:  # RHO-LOSS's default reference fit (200 steps at 1e-3)
@@ -77,9 +76,8 @@ class BLADE(OnlineSelector):
         self.reset_ref_optimizer = reset_ref_optimizer
         self.val = ValStream(val_data, val_batch_size, seed)
         self.reference = make_reference(model)
-        self.ref_optimizer = torch.optim.AdamW(
-            self.reference.parameters(), lr=check_positive("ref_lr", ref_lr), betas=ref_betas,
-            weight_decay=check_positive("ref_weight_decay", ref_weight_decay, allow_zero=True))
+        self.ref_optimizer = make_reference_optimizer(self.reference, ref_lr, ref_betas,
+                                                      ref_weight_decay)
         self.syncs = 0            # reference re-synchronisations so far
         self.last_sync_call = -1  # 0-based call index of the latest sync
 

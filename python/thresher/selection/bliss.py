@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from thresher.models.gpt import ScoreModel
-from thresher.core.checks import IGNORE_INDEX, check_float, check_int
+from thresher.core.checks import IGNORE_INDEX, check_betas, check_float, check_int
 
 from .base import Scorer, check_samples, load_checkpoint, make_adamw, make_lm, register_scorer, \
     save_checkpoint, train_lm
@@ -46,6 +46,15 @@ def batched_directional_derivative(sample_loss: Callable[[dict], Tensor], params
     return jvp(sample_loss, (primals,), (tangents,))
 
 
+def _check_lr_z(name: str, lr_z) -> float | str:
+    """The z-loop step: ``"auto"`` or a finite number >= 0."""
+    if isinstance(lr_z, str):
+        if lr_z != "auto":
+            raise ValueError(f"{name} must be a finite number >= 0 or 'auto', got {lr_z!r}")
+        return lr_z
+    return check_float(name, lr_z, 0.0)
+
+
 def bliss_hypergradient(sample_loss: Callable[[dict], Tensor], params: dict, weights: Tensor,
                         val_grad: dict, *, z_loops: int = 3, lr_z: float | str = 1e-2,
                         lambda_z: float = 1e-2, reg: float = 0.0,
@@ -64,11 +73,9 @@ def bliss_hypergradient(sample_loss: Callable[[dict], Tensor], params: dict, wei
     is filled with ``vector`` (the eigenvector estimate), ``lambda_max`` and ``lr_z``.
     """
     check_int("z_loops", z_loops, 1)
-    auto = isinstance(lr_z, str)
-    if auto and lr_z != "auto":
-        raise ValueError(f"lr_z must be a number or 'auto', got {lr_z!r}")
-    if auto and power_iters < 1:
-        raise ValueError(f"power_iters must be >= 1 with lr_z='auto', got {power_iters}")
+    auto = _check_lr_z("lr_z", lr_z) == "auto"
+    if auto:
+        check_int("power_iters", power_iters, 1)
     P = weights.detach()
     names = list(params)
     p = {k: params[k].detach().requires_grad_(True) for k in names}
@@ -171,14 +178,10 @@ class BlissConfig:
                   "z_loops", "checkpoint_every", "power_iters"):
             lo = 0 if k in ("warmup_steps", "outer_steps", "inner_steps") else 1  # steps vs sizes
             check_int(f"BLISS option {k}", getattr(self, k), lo)
-        for k in ("lr_z", "lambda_z", "gamma", "reg", "proxy_lr", "score_lr", "clip"):
-            v = getattr(self, k)
-            if k == "lr_z" and isinstance(v, str):
-                if v != "auto":
-                    raise ValueError(f"BLISS option lr_z must be a finite number >= 0 or 'auto', "
-                                     f"got {v!r}")
-                continue
-            check_float(f"BLISS option {k}", v, 0.0)
+        _check_lr_z("BLISS option lr_z", self.lr_z)
+        for k in ("lambda_z", "gamma", "reg", "proxy_lr", "score_lr", "weight_decay", "clip"):
+            check_float(f"BLISS option {k}", getattr(self, k), 0.0)
+        check_betas(self.betas, "BLISS option betas")
 
 
 class _SampleLoss(nn.Module):

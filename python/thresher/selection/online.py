@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from thresher.core.checks import IGNORE_INDEX, check_choice, check_float, check_int, check_tensor
+from thresher.core.checks import (
+    IGNORE_INDEX,
+    check_betas,
+    check_choice,
+    check_float,
+    check_int,
+    check_tensor,
+)
 
 from .registry import ONLINE
 
@@ -34,6 +41,7 @@ __all__ = [
     "Rho1Selector",
     "fit_reference",
     "make_reference",
+    "make_reference_optimizer",
     "build_online_selector",
 ]
 
@@ -45,16 +53,6 @@ _INT_DTYPES = (torch.int64, torch.int32)
 # ----------------------------------------------------------------------------------------
 # Argument checks (ValueError/TypeError naming the argument)
 # ----------------------------------------------------------------------------------------
-
-
-def check_gamma(gamma) -> float:
-    """The kept fraction: a number in (0, 1]."""
-    return check_float("gamma (the kept fraction)", gamma, 0.0, 1.0, lo_open=True)
-
-
-def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    """A finite number > 0 (>= 0 with ``allow_zero``)."""
-    return check_float(name, value, 0.0, math.inf, lo_open=not allow_zero)
 
 
 def check_model(model) -> nn.Module:
@@ -208,7 +206,7 @@ class OnlineSelector:
 
     def __init__(self, model: nn.Module, *, gamma: float = 0.6, granularity: str = "sequence"):
         self.model = check_model(model)
-        self.gamma = check_gamma(gamma)
+        self.gamma = check_float("gamma (the kept fraction)", gamma, 0.0, 1.0, lo_open=True)
         check_choice("granularity", granularity, GRANULARITIES)
         self.granularity = granularity
         self.calls = 0
@@ -361,6 +359,15 @@ def make_reference(model: nn.Module) -> nn.Module:
     return ref
 
 
+def make_reference_optimizer(reference: nn.Module, ref_lr: float, ref_betas,
+                             ref_weight_decay: float) -> torch.optim.AdamW:
+    """The reference's AdamW, its arguments checked under the selectors' names."""
+    return torch.optim.AdamW(
+        reference.parameters(), lr=check_float("ref_lr", ref_lr, 0.0, lo_open=True),
+        betas=check_betas(ref_betas, "ref_betas"),
+        weight_decay=check_float("ref_weight_decay", ref_weight_decay, 0.0))
+
+
 @ONLINE.register("rho")
 class RhoLossSelector(OnlineSelector):
     """RHO-LOSS (Mindermann et al. 2022; sequence level) and RHO-1 (Lin et al. 2024; token
@@ -382,7 +389,7 @@ class RhoLossSelector(OnlineSelector):
                  val_batch_size: int = 16, seed: int = 0):
         super().__init__(model, gamma=gamma, granularity=granularity)
         self.ref_steps = check_int("ref_steps", ref_steps, 0)
-        self.ref_grad_clip = check_positive("ref_grad_clip", ref_grad_clip, allow_zero=True)
+        self.ref_grad_clip = check_float("ref_grad_clip", ref_grad_clip, 0.0)
         if reference is None:
             self.val = ValStream(val_data, val_batch_size, seed)
             if self.ref_steps < 1:
@@ -394,9 +401,8 @@ class RhoLossSelector(OnlineSelector):
             self.val = None if val_data is None else ValStream(val_data, val_batch_size, seed)
             self.reference = reference
             self.trained = True
-        self.ref_optimizer = torch.optim.AdamW(
-            self.reference.parameters(), lr=check_positive("ref_lr", ref_lr), betas=ref_betas,
-            weight_decay=check_positive("ref_weight_decay", ref_weight_decay, allow_zero=True))
+        self.ref_optimizer = make_reference_optimizer(self.reference, ref_lr, ref_betas,
+                                                      ref_weight_decay)
 
     def train_reference(self) -> None:
         """Trains the static reference once (no-op when already trained)."""

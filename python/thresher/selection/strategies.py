@@ -6,7 +6,11 @@ Scores may be +-inf; NaN is an error. docs/algorithms.md §4 "Selection strategi
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from thresher.core.checks import check_float, check_range
 
 __all__ = ["select_topk", "select_gumbel", "select_threshold", "num_selected", "STRATEGIES"]
 
@@ -37,11 +41,8 @@ def _check_scores(scores) -> np.ndarray:
 
 def num_selected(n: int, fraction: float) -> int:
     """``k = round(fraction * n)``, at least 1; ``fraction`` must be in (0, 1]."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, np.integer)):
-        raise TypeError(f"fraction must be a number in (0, 1], got {type(fraction).__name__}")
-    if not (0.0 < float(fraction) <= 1.0):
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    return max(1, min(n, int(np.floor(float(fraction) * n + 0.5))))
+    fraction = check_float("fraction", fraction, 0.0, 1.0, lo_open=True)
+    return max(1, min(n, int(np.floor(fraction * n + 0.5))))
 
 
 def _top(keys: np.ndarray, k: int) -> np.ndarray:
@@ -57,22 +58,16 @@ def select_topk(scores, fraction: float) -> np.ndarray:
 def select_gumbel(scores, fraction: float, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
     s = _check_scores(scores)
     k = num_selected(len(s), fraction)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)):
-        raise TypeError(f"temperature must be a number >= 0, got {type(temperature).__name__}")
-    if not (np.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    temperature = check_float("temperature", temperature, 0.0)
     if temperature == 0:
         return _top(s, k)
     g = np.random.default_rng(seed).gumbel(size=len(s))
     with np.errstate(invalid="ignore"):
-        keys = s + float(temperature) * g  # +-inf scores stay +-inf
+        keys = s + temperature * g  # +-inf scores stay +-inf
     return _top(keys, k)
 
 
 def select_threshold(scores, threshold: float) -> np.ndarray:
     s = _check_scores(scores)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
-        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
-    if np.isnan(threshold):
-        raise ValueError("threshold must not be NaN")
+    check_range("threshold", threshold, -math.inf, math.inf)  # any number but NaN
     return np.flatnonzero(s >= threshold).astype(np.int64)
