@@ -4,6 +4,8 @@ CLI. Every import counts, also the ones inside functions (they are deferred, not
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,13 @@ def test_top_level_modules_import_no_cli_but_main():
     for path in (ROOT / "python" / "thresher").glob("*.py"):
         if path.name != "__main__.py":
             assert "cli" not in _imported_packages(path, ""), path
+
+
+def test_core_checks_and_files_import_no_torch():
+    # The scalar checks serve argument parsing and the data readers, which answer
+    # `thresher <command> --help` without loading torch (tests/cli/test_entry.py checks the
+    # commands themselves); a module-level torch import in core would undo that for all.
+    code = ("import sys, thresher.core.checks, thresher.core.constants, thresher.core.files, "
+            "thresher.core.layouts, thresher.core.lazy; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -1,15 +1,19 @@
 """The argument checks of the whole library (ops, optimizers, selectors, models, jobs) and its
 shared constants: each check names the argument and says what was expected. Type problems
-raise TypeError, value/shape/device problems ValueError."""
+raise TypeError, value/shape/device problems ValueError. No torch at import: the scalar checks
+serve the command's argument parsing and the data readers too, which answer without loading
+torch (``thresher score --help``); a tensor check imports torch when called, by a caller that
+holds a tensor and so has already loaded it."""
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .constants import DOCUMENT_REDUCTIONS, IGNORE_INDEX, LOSS_REDUCTIONS  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _dt(d: torch.dtype) -> str:
@@ -27,6 +31,8 @@ def check_tensor(
 ) -> torch.Tensor:
     """Checks ``t`` is a tensor with the given rank, dtype, device and shape (None in
     ``shape`` matches any size) and returns it."""
+    import torch
+
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
@@ -55,6 +61,8 @@ def values_checkable() -> bool:
     """Checks of tensor *values* need the data on the host (one sync). Under torch.compile a
     graph cannot branch on data, so value checks are skipped there (shapes, dtypes and
     devices are still checked at trace time); run the function eagerly once to vet data."""
+    import torch
+
     return not torch.compiler.is_compiling()
 
 
@@ -62,6 +70,8 @@ def check_weights(name: str, w: torch.Tensor) -> None:
     """Weights must be finite and non-negative (one fused check, one host sync)."""
     if w.numel() == 0 or not values_checkable():
         return
+    import torch
+
     bad = ~torch.isfinite(w) | (w < 0)
     if bool(bad.any()):
         first = w[bad].flatten()[0].item()
