@@ -49,6 +49,34 @@ def test_every_field_round_trips_through_json(cls, tmp_path):
     assert cls.from_json(cfg.to_json()) == cfg
 
 
+def test_paths_are_taken_as_their_strings(tmp_path):
+    cfg = TrainConfig(corpus=tmp_path / "c.txt", out=Path("runs") / "a", data_cache=tmp_path)
+    assert (cfg.corpus, cfg.out, cfg.data_cache) == (str(tmp_path / "c.txt"), "runs/a", str(tmp_path))
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    assert ScoreConfig(method="random", pool=tmp_path, target=tmp_path, out=tmp_path).out == str(tmp_path)
+
+
+def test_a_dict_field_holds_json_values_only():
+    with pytest.raises(TypeError, match="TrainConfig.select_opt must hold JSON values only"):
+        TrainConfig(select="random", select_opt={"gamma": object()})
+    with pytest.raises(TypeError, match="ScoreConfig.opt must hold JSON values only"):
+        ScoreConfig(method="random", pool="p", target="t", out="o", opt={1: 2})  # JSON keys are str
+    opts = {"betas": (0.9, 0.95)}
+    cfg = TrainConfig(select="blade", select_opt=opts)
+    assert cfg.select_opt == {"betas": [0.9, 0.95]} and cfg.select_opt is not opts  # as its JSON reads back
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_unknown_keys_and_bad_json_are_job_errors_naming_them(cls):
+    with pytest.raises(JobError, match=f"{cls.__name__}: unknown field.*'typo_field'"):
+        cls.from_dict({**REQUIRED[cls], "typo_field": 1})
+    with pytest.raises(JobError, match="not valid JSON"):
+        cls.from_json("{'single': 'quotes'}")
+    with pytest.raises(TypeError, match="needs a dict, got list"):
+        cls.from_json("[1, 2]")  # JSON text, not a file called '[1, 2]'
+
+
 @pytest.mark.parametrize("cls, field, value", [
     (TrainConfig, "steps", 3.0), (TrainConfig, "lr", "fast"), (TrainConfig, "resume", 1),
     (TrainConfig, "select_opt", None), (TrainConfig, "nproc", True), (TrainConfig, "corpus", None),
