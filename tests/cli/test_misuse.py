@@ -35,6 +35,19 @@ def one_line_error(capsys, argv, command="train"):
     return err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--model", "huge"], "--model huge"),
+    (["--timeout", "0"], "--timeout must be a positive number"),
+    (["--select", "random", "--select-opt", "gama=0.5"], "--select random rejects --select-opt"),
+    (["--embedded-size", "quick", "--corpus", "embedded", "--d-model", "30", "--n-heads", "4"],
+     "--d-model/--n-layers/--n-heads"),
+])
+def test_bad_train_values_are_one_line_and_write_nothing(tmp_path, capsys, corpus, extra, message):
+    err = one_line_error(capsys, ["train", "--corpus", str(corpus), *TINY, "--out", str(tmp_path / "run"), *extra])
+    assert message in err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("argv", [["train", "--steps"], ["train", "stray-positional"], ["score", "--method", "random"],
                                   ["select", "--fraction", "0.5"], ["train", "--steps", "two"],
                                   ["select", "--scores", "s", "--out", "o.jsonl", "--strategy", "best"]])

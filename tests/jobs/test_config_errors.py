@@ -87,6 +87,102 @@ def test_wrong_types_name_the_field_at_construction(cls, field, value):
         cls(**{**REQUIRED[cls], field: value})
 
 
+def _train(tmp_path, **kw):
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": f"Document {i} about foxes."}) + "\n"
+                                                   for i in range(30)))
+    return TrainConfig(**{**dict(corpus=str(tmp_path / "corpus.jsonl"), val_every_nth=5, tokenizer="byte", seq_len=16,
+                                 d_model=16, n_layers=1, n_heads=2, steps=2, rank=4, optimizer="adamw",
+                                 no_progress=True, no_plot=True, out=str(tmp_path / "out")), **kw})
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(threads=0), "--threads must be >= 1"), (dict(threads=-1), "--threads must be >= 1"),
+    (dict(timeout=0.0), "--timeout must be a positive number"),
+    (dict(weight_decay=float("nan")), "--weight-decay must be >= 0, got nan"),
+    (dict(corpus="embedded", embedded_size="big"), "--embedded-size must be quick, default or a number"),
+    (dict(model="huge", d_model=None, n_layers=None, n_heads=None), r"--model huge .*preset must be one of"),
+    (dict(d_model=30, n_heads=4), r"--model tiny \(--d-model/--n-layers/--n-heads\): .*multiple of n_heads"),
+    (dict(optimizer="lordo", compression="zip"), "--optimizer lordo rejects its options: compression"),
+    (dict(optimizer="sparseloco", topk=0), "--optimizer sparseloco rejects its options: k must be >= 1"),
+    (dict(optimizer="lordo", omega=2.0), "--optimizer lordo rejects its options: omega"),
+    (dict(select="random", select_opt={"gama": 0.5}), "--select random rejects --select-opt: .*'gama'"),
+    (dict(select="blade", select_opt={"tau": 0}), "--select blade rejects --select-opt: tau"),
+    (dict(select="nosuch"), "--select must be one of blade"),
+    (dict(steps=0), "--steps must be >= 1, got 0"),
+])
+def test_train_values_out_of_range_are_job_errors_before_anything_is_written(tmp_path, kw, message):
+    cfg = _train(tmp_path, **kw)
+    with pytest.raises(JobError, match=message):
+        cfg.validate()
+    with pytest.raises(JobError, match=message):
+        TrainJob(cfg).run()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_data_cache_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "cache").write_text("mine")
+    with pytest.raises(JobError, match="--data-cache .* exists and is not a folder"):
+        TrainJob(_train(tmp_path, data_cache=str(tmp_path / "cache"))).run()
+    assert (tmp_path / "cache").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+def test_a_registered_online_selector_is_accepted(tmp_path, monkeypatch):
+    from thresher.selection.online import RandomSelector
+    from thresher.selection.registry import ONLINE
+
+    monkeypatch.setattr(ONLINE, "_classes", dict(ONLINE._classes))  # undone after the test
+
+    @ONLINE.register("my-random")
+    class MyRandom(RandomSelector):
+        pass
+
+    summary = TrainJob(_train(tmp_path, select="my-random", select_opt={"gamma": 0.5})).run()
+    assert summary["steps"] == 2
+
+
+def _score(tmp_path, **kw):
+    return ScoreConfig(**{**dict(method="random", pool=str(tmp_path / "pool.jsonl"),
+                                 target=str(tmp_path / "pool.jsonl"), out=str(tmp_path / "out"),
+                                 tokenizer="byte", seq_len=16, no_progress=True), **kw})
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(lr=-1.0), "--lr must be a positive number"), (dict(steps=-1), "--steps must be >= 0"),
+    (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(model="huge"), "--model must be a preset or a local HF folder: preset must be one of"),
+    (dict(pool="embedded", target="embedded", embedded_size="big"), "--embedded-size must be quick"),
+    (dict(pool="embedded", target="embedded", embedded_size=10, corpus_seed=-1), "--corpus-seed must be >= 0"),
+    (dict(seq_len=1), "--seq-len must be >= 2"), (dict(method="nosuch"), "--method must be one of"),
+])
+def test_score_values_out_of_range_are_job_errors_before_anything_is_written(tmp_path, kw, message):
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 9}) + "\n" for i in range(5)))
+    with pytest.raises(JobError, match=message):
+        ScoreJob(_score(tmp_path, **kw)).run()
+    assert not (tmp_path / "out").exists()  # no run recorded with settings that cannot work
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(strategy="gumbel", temperature=-1.0), "--temperature must be a finite number >= 0"),
+    (dict(strategy="gumbel", temperature=float("nan")), "--temperature must be a finite number >= 0"),
+    (dict(strategy="threshold", threshold=float("nan")), "--threshold must be a number, got nan"),
+    (dict(strategy="gumbel", seed=-1), "--seed must be >= 0"), (dict(fraction=1.5), "--fraction must be in"),
+])
+def test_select_values_out_of_range_are_job_errors(tmp_path, kw, message):
+    cfg = SelectConfig(**{**dict(scores=str(tmp_path), out=str(tmp_path / "sel.jsonl"), fraction=0.5), **kw})
+    with pytest.raises(JobError, match=message):
+        SelectJob(cfg).run()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(seed=-1), "--seed must be >= 0"), (dict(fraction=0.0), "--fraction must be in"),
+    (dict(nproc=0), "--nproc must be >= 1"), (dict(pool="nope.jsonl", target="t.jsonl"), "--pool 'nope.jsonl'"),
+])
+def test_demo_values_out_of_range_are_job_errors_before_anything_is_written(tmp_path, kw, message):
+    with pytest.raises(JobError, match=message):
+        DemoJob(DemoConfig(**{**dict(out=str(tmp_path / "demo")), **kw})).run()
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
 def test_the_command_and_the_config_agree_on_every_field_and_default(cls):
     import importlib

@@ -142,6 +142,14 @@ class JobConfig:
                 out[f.name] = f.default_factory()
         return out
 
+    def _check_at_least(self, lo, *names: str) -> None:
+        """For ``validate``: a JobError naming the flag unless each field in ``names`` is None
+        or >= ``lo``."""
+        for name in names:
+            v = getattr(self, name)
+            if v is not None and not v >= lo:  # (NaN fails too)
+                raise JobError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+
     def replace(self, **changes):
         """A copy with ``changes`` (unknown names raise TypeError, as ``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)

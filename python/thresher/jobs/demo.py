@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from thresher.jobs.config import JobConfig
+from thresher.jobs.config import JobConfig, JobError
 
 __all__ = ["DemoConfig", "DemoJob", "MODES"]
 
@@ -62,20 +62,17 @@ class DemoConfig(JobConfig):
     resume: bool = False            # reuse finished stages in out
 
     def validate(self) -> None:
+        """What can be checked before a file is written (a JobError names the flag)."""
         if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
-        if self.nproc < 1:
-            raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
-        if self.max_pool_docs is not None and self.max_pool_docs < 0:
-            raise ValueError(f"--max-pool-docs must be >= 0, got {self.max_pool_docs}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+            raise JobError(f"--fraction must be in (0, 1], got {self.fraction}")
+        self._check_at_least(1, "nproc", "steps")
+        self._check_at_least(0, "max_pool_docs", "seed")  # (seed: the embedded corpus takes no negative one)
         for name in ("pool", "target"):
             v = getattr(self, name)
             if v != "embedded" and not Path(v).exists():
-                raise ValueError(f"--{name} {v!r}: no such file or folder")
+                raise JobError(f"--{name} {v!r}: no such file or folder")
         if (self.pool == "embedded") != (self.target == "embedded"):
-            raise ValueError("--pool and --target must both be 'embedded' or both be paths")
+            raise JobError("--pool and --target must both be 'embedded' or both be paths")
 
 
 class DemoJob:

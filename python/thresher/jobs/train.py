@@ -93,42 +93,45 @@ class TrainConfig(JobConfig):
         return {k: v for k, v in sorted(self.to_dict().items()) if k not in RESUMABLE_CHANGES}
 
     def validate(self) -> None:
-        """Everything that can be checked before a file is written (errors name the flag)."""
-        for name in ("steps", "batch_size", "nproc", "eval_every", "ckpt_every", "sync_every",
-                     "seq_len", "eval_samples", "val_every_nth", "rank"):
-            v = getattr(self, name)
-            if v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        if self.seq_len < 2:
-            raise ValueError(f"--seq-len must be >= 2, got {self.seq_len}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        """Everything that can be checked before a file is written (a JobError names the flag)."""
+        self._check_at_least(1, "steps", "batch_size", "nproc", "eval_every", "ckpt_every", "sync_every",
+                             "eval_samples", "val_every_nth", "rank", "threads")
+        self._check_at_least(2, "seq_len")
+        self._check_at_least(0, "warmup", "weight_decay")
+        for name in ("lr", "timeout"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise JobError(f"--{name} must be a positive number, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("warmup", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+            raise JobError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", ("cosine", "constant")),
                               ("outer", ("average", "nesterov")), ("proj", ("svd", "power", "random")),
                               ("init_proj", ("random", "grad"))):
             if getattr(self, name) not in choices:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                 f"got {getattr(self, name)!r}")
+                raise JobError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                               f"got {getattr(self, name)!r}")
         if self.tokenizer == "bpe" and self.vocab_size < 260:
-            raise ValueError(f"--vocab-size must be >= 260 for the BPE tokenizer, got {self.vocab_size}")
-        if self.corpus != "embedded" and not os.path.exists(self.corpus):
-            raise ValueError(f"--corpus {self.corpus!r}: no such file or folder")
-        if self.val_corpus is not None and not os.path.exists(self.val_corpus):
-            raise ValueError(f"--val-corpus {self.val_corpus!r}: no such file or folder")
-        if self.select:
-            from thresher.selection.online import ONLINE_SELECTORS
+            raise JobError(f"--vocab-size must be >= 260 for the BPE tokenizer, got {self.vocab_size}")
+        if self.corpus == "embedded":
+            from thresher.jobs.sources import embedded_size
 
-            if self.select not in ONLINE_SELECTORS:
-                raise ValueError(f"--select must be one of {', '.join(ONLINE_SELECTORS)}, "
-                                 f"got {self.select!r}")
+            embedded_size(self.embedded_size)
+        elif not os.path.exists(self.corpus):
+            raise JobError(f"--corpus {self.corpus!r}: no such file or folder")
+        if self.val_corpus is not None and not os.path.exists(self.val_corpus):
+            raise JobError(f"--val-corpus {self.val_corpus!r}: no such file or folder")
+        if self.data_cache is not None and os.path.exists(self.data_cache) \
+                and not os.path.isdir(self.data_cache):
+            raise JobError(f"--data-cache {self.data_cache!r} exists and is not a folder")
+        if self.select:
+            from thresher.selection.registry import ONLINE
+
+            if self.select not in ONLINE.names():  # the built-in ones and those registered since
+                raise JobError(f"--select must be one of {', '.join(ONLINE.names())}, "
+                               f"got {self.select!r}")
         if self.select_opt and not self.select:
             opts = " ".join(f"{k}={json.dumps(v)}" for k, v in self.select_opt.items())
-            raise ValueError(f"--select-opt {opts} needs --select (the online selector it configures)")
+            raise JobError(f"--select-opt {opts} needs --select (the online selector it configures)")
+        _check_named_parts(self)
 
     # -- data --------------------------------------------------------------------------------
     def data_dir(self) -> str:
@@ -155,12 +158,13 @@ def prepare_data(cfg: TrainConfig) -> str:
     """Tokenises and packs the corpus once; returns the folder holding train/ and val/."""
     from thresher.core.files import atomic_open
     from thresher.data import Document, embedded_corpus, load_tokenizer, pack, read_documents
+    from thresher.jobs.sources import embedded_size
 
     folder = cfg.data_dir()
     if os.path.exists(os.path.join(folder, "meta.json")):
         return folder
     if cfg.corpus == "embedded":
-        corpus = embedded_corpus(seed=0, size=cfg.embedded_size)
+        corpus = embedded_corpus(seed=0, size=embedded_size(cfg.embedded_size))
         train_docs, val_docs = corpus.pool, corpus.target
     else:
         docs = list(read_documents(cfg.corpus, cfg.text_field))
@@ -187,6 +191,15 @@ def prepare_data(cfg: TrainConfig) -> str:
         json.dump({"vocab_size": tok.vocab_size, "train_samples": len(train),
                    "val_samples": len(val), "train_tokens": int(train.num_tokens)}, f)
     return folder
+
+
+def model_config(cfg: TrainConfig, vocab_size: int):
+    """The ``GPTConfig`` of the model ``cfg`` names: the preset, with the given overrides."""
+    from thresher.models.gpt import GPTConfig
+
+    over = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads") if getattr(cfg, k) is not None}
+    gcfg = GPTConfig.preset(cfg.model, vocab_size, max_seq_len=cfg.seq_len)
+    return GPTConfig(**dict(gcfg.to_dict(), d_ff=None, **over)) if over else gcfg
 
 
 def build_optimizer(cfg: TrainConfig, model):
@@ -299,6 +312,39 @@ def _is_instance(key: str, part) -> bool:
     return not isinstance(part, type) and hasattr(part, _INSTANCE_MARK[key])
 
 
+def _check_named_parts(cfg: TrainConfig) -> None:
+    """Builds what the config names once, before any work: the model's GPTConfig, and the
+    optimizer and the online selector on a one-layer stand-in of that model with a provisional
+    vocabulary (the real ones are built on each rank after the data step). So a bad option is
+    a JobError naming its flags, not a failure after tokenising. Inside a process group only
+    the model is checked (the optimizers communicate when they are built)."""
+    import torch
+    import torch.distributed as dist
+
+    from thresher.models.gpt import GPT, GPTConfig
+
+    try:
+        gcfg = model_config(cfg, 260)  # 256 bytes + specials: the smallest vocabulary
+    except (TypeError, ValueError) as e:
+        raise JobError(f"--model {cfg.model} (--d-model/--n-layers/--n-heads): {e}") from None
+    if dist.is_initialized():
+        return
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+        stand_in = GPT(GPTConfig(**dict(gcfg.to_dict(), n_layers=1)))
+        try:
+            build_optimizer(cfg, stand_in)
+        except (TypeError, ValueError) as e:
+            raise JobError(f"--optimizer {cfg.optimizer} rejects its options: {e}") from None
+        if cfg.select:
+            from thresher.selection.online import build_online_selector
+
+            try:
+                build_online_selector(cfg.select, stand_in, torch.zeros(2, cfg.seq_len, dtype=torch.long),
+                                      **cfg.select_opt)
+            except (TypeError, ValueError) as e:
+                raise JobError(f"--select {cfg.select} rejects --select-opt: {e}") from None
+
+
 class _RankTrainer:
     """The training loop of one rank: build, resume, step, evaluate, log, checkpoint."""
 
@@ -352,14 +398,9 @@ class _RankTrainer:
         return given(self.cfg, *((self.meta["vocab_size"],) if key == "model" else args))
 
     def _default_model(self, cfg):
-        from thresher.models.gpt import GPT, GPTConfig
+        from thresher.models.gpt import GPT
 
-        over = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads")
-                if getattr(cfg, k) is not None}
-        gcfg = GPTConfig.preset(cfg.model, self.meta["vocab_size"], max_seq_len=cfg.seq_len)
-        if over:
-            gcfg = GPTConfig(**dict(gcfg.to_dict(), d_ff=None, **over))
-        return GPT(gcfg)
+        return GPT(model_config(cfg, self.meta["vocab_size"]))
 
     @staticmethod
     def _default_selector(cfg, model, val):
