@@ -48,6 +48,21 @@ def test_bad_train_values_are_one_line_and_write_nothing(tmp_path, capsys, corpu
     assert message in err and not (tmp_path / "run").exists()
 
 
+def test_bad_paths_are_one_line(tmp_path, capsys, corpus):
+    (tmp_path / "file").write_text("mine")
+    base = ["train", "--corpus", str(corpus), *TINY]
+    assert "--out " in one_line_error(capsys, [*base, "--out", str(tmp_path / "file")])
+    assert "--out " in one_line_error(capsys, [*base, "--out", str(tmp_path / "file" / "run")])
+    assert "--data-cache" in one_line_error(capsys, [*base, "--out", str(tmp_path / "r"),
+                                                     "--data-cache", str(tmp_path / "file")])
+    assert "--corpus" in one_line_error(capsys, ["train", *TINY, "--corpus", str(tmp_path / "none.jsonl")])
+    assert "--scores" in one_line_error(capsys, ["select", "--scores", str(tmp_path / "file"), "--fraction",
+                                                 "0.5", "--out", str(tmp_path / "s.jsonl")], "select")
+    assert "--out" in one_line_error(capsys, ["score", "--method", "random", "--pool", str(corpus), "--target",
+                                              str(corpus), "--out", str(tmp_path / "file")], "score")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 @pytest.mark.parametrize("argv", [["train", "--steps"], ["train", "stray-positional"], ["score", "--method", "random"],
                                   ["select", "--fraction", "0.5"], ["train", "--steps", "two"],
                                   ["select", "--scores", "s", "--out", "o.jsonl", "--strategy", "best"]])

@@ -52,6 +52,44 @@ def weights(folder):
     return torch.load(folder / "ckpt" / "rank0.pt", weights_only=True)["model"]
 
 
+def test_the_same_job_twice_and_another_config_into_a_run_folder_are_refused(tmp_path):
+    cfg = config(tmp_path, steps=2)
+    TrainJob(cfg).run()
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(JobError, match="already holds a run; pass --resume"):
+        TrainJob(cfg).run()
+    with pytest.raises(JobError, match=r"settings differ .*lr \(0.003 then, 0.01 now\)"):
+        TrainJob(cfg.replace(lr=0.01, resume=True)).run()
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_resume_does_not_write_into_a_folder_of_the_users_files(tmp_path):
+    mine = tmp_path / "run"
+    mine.mkdir()
+    (mine / "summary.json").write_text("my own summary")
+    with pytest.raises(JobError, match="holds no thresher run but other files .*summary.json"):
+        TrainJob(config(tmp_path, resume=True)).run()
+    assert [p.name for p in mine.iterdir()] == ["summary.json"]
+    assert (mine / "summary.json").read_text() == "my own summary"
+
+
+def test_a_failure_before_the_run_is_recorded_leaves_the_folder_reusable(tmp_path):
+    def broken_model(cfg, vocab_size):  # the user's factory fails on the rank, after the data step
+        raise RuntimeError("a bug in my model factory")
+
+    cfg = config(tmp_path, data_cache=None, steps=2)
+    with pytest.raises(RuntimeError, match="a bug in my model factory"):
+        TrainJob(cfg, model=broken_model).run()
+    assert list((tmp_path / "run").iterdir()) == []
+    assert TrainJob(cfg).run()["steps"] == 2  # the corrected rerun, no resume needed
+
+
+def test_an_out_folder_below_a_file_is_a_job_error(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(JobError, match="--out .*file/run.*cannot create the folder"):
+        TrainJob(config(tmp_path, out="file/run")).run()
+
+
 def test_an_interrupted_fit_resumes_to_the_same_scores_bit_for_bit(tmp_path, monkeypatch):
     import thresher.selection.base as base
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,24 +84,22 @@ class DemoJob:
         self.config = config
 
     def run(self) -> dict:
-        from thresher.data.runs import check_run_folder
+        from thresher.jobs.folders import open_out, undo_unrecorded
 
         config = self.config
         config.validate()
         out = Path(config.out)
         settings = {k: v for k, v in sorted(config.to_dict().items()) if k != "resume"}
-        fresh = not check_run_folder(out, settings, resume=config.resume) and not config.resume
-        out.mkdir(parents=True, exist_ok=True)
+        pre_run = ("data", "stages.json")  # written before the run is recorded (stage 1)
+        fresh = open_out(out, settings, resume=config.resume, pre_run=pre_run)
         clock = _Clock(out / "stages.json")
         try:
             return _pipeline(config, MODES["quick" if config.quick else "default"], out, clock, settings)
         except BaseException:
             clock.end()
-            if fresh and not (out / "run.json").exists():
-                # failed on its inputs before the run was recorded: leave the folder as it was (it
-                # was empty), so that the corrected command can use it
-                shutil.rmtree(out / "data", ignore_errors=True)
-                (out / "stages.json").unlink(missing_ok=True)
+            # failed on its inputs before the run was recorded: leave the folder as it was, so
+            # that the corrected command can use it
+            undo_unrecorded(out, fresh, pre_run)
             raise
         finally:
             clock.end()  # an interrupted stage keeps its time for the resumed run's report

@@ -4,7 +4,7 @@
 inside an initialised process group and returns rank 0's (JSON) result. Under torchrun
 (``RANK``/``WORLD_SIZE`` set) this process is one rank of the env:// group (NCCL with CUDA,
 else gloo); a group the caller already initialised is used as it is. Otherwise ``nproc``
-ranks are spawned on loopback; a bad input found by a rank comes back as one ``ValueError``.
+ranks are spawned on loopback; a bad input found by a rank comes back as one ``JobError``.
 """
 from __future__ import annotations
 
@@ -140,7 +140,9 @@ def run_on_ranks(fn, nproc: int, timeout: float, *args, before=None, name: str =
         results[rank] = (status, out)
     user = [f"rank {r}: {o}" for r, (s, o) in sorted(results.items()) if s == "user"]
     if user:  # a bad input found by a rank: one line, like the launcher's own checks
-        raise ValueError(user[0])
+        from thresher.jobs.config import JobError
+
+        raise JobError(user[0])
     errors = [f"rank {r}: {o}" for r, (s, o) in sorted(results.items()) if s == "error"]
     if errors or 0 not in results:
         raise RuntimeError(f"thresher {name} failed:\n" + ("\n".join(errors) or

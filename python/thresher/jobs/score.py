@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from thresher.core.files import save_json, save_npy
-from thresher.data.runs import check_run_folder, record_run
+from thresher.data.runs import record_run
 from thresher.jobs.config import JobConfig, JobError
+from thresher.jobs.folders import open_out
 from thresher.jobs.sources import embedded_size, open_source, source_spec
 
 __all__ = ["ScoreConfig", "ScoreJob", "METHODS", "MANIFEST_VERSION", "finalize", "check_device"]
@@ -171,8 +172,8 @@ class ScoreJob:
                          "shard_size": cfg.shard_size}
         self.rank, self.world = _rank_world()
         # under torchrun the ranks start together: another rank may have written run.json
-        check_run_folder(self.out, self.settings, resume=cfg.resume, shared=self.world > 1)
-        self.out.mkdir(parents=True, exist_ok=True)
+        open_out(self.out, self.settings, resume=cfg.resume, shared=self.world > 1,
+                 pre_run=("pool_samples", "target_samples", "data.json"))
         self.data = _prepare_data(cfg, self.out, self.pool_spec, self.target_spec, self.progress)
         record_run(self.out, self.settings)  # after the data: a run that failed on its inputs can be redone
         self.timings["data_s"] = time.perf_counter() - t0

@@ -593,8 +593,9 @@ class TrainJob:
 
     def run(self) -> dict:
         """Runs the training (spawning ``nproc`` ranks, or joining torchrun's group); returns
-        rank 0's summary (also written to ``OUT/summary.json``)."""
-        from thresher.data.runs import check_run_folder
+        rank 0's summary (also written to ``OUT/summary.json``). Every check runs before
+        anything is written; a run that fails before it is recorded leaves ``out`` as it was."""
+        from thresher.jobs.folders import open_out, undo_unrecorded
         from thresher.jobs.launch import run_on_ranks, under_torchrun
 
         cfg = self.config
@@ -603,7 +604,14 @@ class TrainJob:
         if instances and cfg.nproc > 1 and not under_torchrun():
             raise JobError(f"{', '.join(instances)}: an instance cannot be sent to {cfg.nproc} "
                            "spawned ranks; pass a factory, or nproc=1")
-        check_run_folder(cfg.out, cfg.settings(), resume=cfg.resume, shared=under_torchrun())
-        os.makedirs(cfg.out, exist_ok=True)
-        return run_on_ranks(_train_rank, cfg.nproc, cfg.timeout, cfg, self.parts,
-                            before=lambda: prepare_data(cfg), name="train")
+        # (the default data cache is written before the run is recorded)
+        pre_run = ("data",) if cfg.data_cache is None else ()
+        fresh = open_out(cfg.out, cfg.settings(), resume=cfg.resume, shared=under_torchrun(),
+                         pre_run=pre_run)
+        try:
+            return run_on_ranks(_train_rank, cfg.nproc, cfg.timeout, cfg, self.parts,
+                                before=lambda: prepare_data(cfg), name="train")
+        except BaseException:
+            if not under_torchrun():
+                undo_unrecorded(cfg.out, fresh, pre_run)
+            raise
