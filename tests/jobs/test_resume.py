@@ -63,6 +63,29 @@ def test_the_same_job_twice_and_another_config_into_a_run_folder_are_refused(tmp
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
+def test_a_moved_run_folder_resumes(tmp_path):
+    TrainJob(config(tmp_path, steps=2)).run()
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    resumed = TrainJob(config(tmp_path, "moved", steps=4, resume=True)).run()
+    assert resumed["steps"] == 4 and [r["step"] for r in log(tmp_path / "moved")] == ["2", "4"]
+    # and through another path to the same folder
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert TrainJob(config(tmp_path, steps=6, resume=True).replace(out="moved")).run()["steps"] == 6
+    finally:
+        os.chdir(cwd)
+
+
+def test_a_changed_corpus_is_not_resumed(tmp_path):
+    cfg = config(tmp_path, steps=2)
+    TrainJob(cfg).run()
+    with open(cfg.corpus, "a") as f:
+        f.write(json.dumps({"text": "a document added after the run started"}) + "\n")
+    with pytest.raises(JobError, match="settings differ .*corpus"):
+        TrainJob(cfg.replace(steps=4, resume=True)).run()
+
+
 def test_resume_does_not_write_into_a_folder_of_the_users_files(tmp_path):
     mine = tmp_path / "run"
     mine.mkdir()

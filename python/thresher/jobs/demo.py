@@ -89,7 +89,8 @@ class DemoJob:
         config = self.config
         config.validate()
         out = Path(config.out)
-        settings = {k: v for k, v in sorted(config.to_dict().items()) if k != "resume"}
+        # what resume compares: not out itself (a run folder may be moved or named by another path)
+        settings = {k: v for k, v in sorted(config.to_dict().items()) if k not in ("resume", "out")}
         pre_run = ("data", "stages.json")  # written before the run is recorded (stage 1)
         fresh = open_out(out, settings, resume=config.resume, pre_run=pre_run)
         clock = _Clock(out / "stages.json")

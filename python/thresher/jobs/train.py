@@ -89,8 +89,14 @@ class TrainConfig(JobConfig):
     no_plot: bool = False
 
     def settings(self) -> dict:
-        """What ``OUT/run.json`` records and ``resume`` compares."""
-        return {k: v for k, v in sorted(self.to_dict().items()) if k not in RESUMABLE_CHANGES}
+        """What ``OUT/run.json`` records and ``resume`` compares: the training settings, with
+        the corpus and tokenizer files by content (a changed corpus is not resumed; a moved one
+        is), and not ``out`` itself (a run folder may be moved or named by another path)."""
+        settings = {k: v for k, v in sorted(self.to_dict().items())
+                    if k not in RESUMABLE_CHANGES and k != "out"}
+        for k in ("corpus", "val_corpus", "tokenizer"):
+            settings[k] = _content(settings[k])
+        return settings
 
     def validate(self) -> None:
         """Everything that can be checked before a file is written (a JobError names the flag)."""
