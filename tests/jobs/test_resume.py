@@ -52,6 +52,35 @@ def weights(folder):
     return torch.load(folder / "ckpt" / "rank0.pt", weights_only=True)["model"]
 
 
+def test_an_interrupted_run_resumes_and_loses_nothing(tmp_path, monkeypatch):
+    full = TrainJob(config(tmp_path, "full")).run()
+    cfg = config(tmp_path)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 5)  # after the checkpoint of step 3 and the evaluation of step 4
+        with pytest.raises(KeyboardInterrupt):
+            TrainJob(cfg).run()
+    resumed = TrainJob(cfg.replace(resume=True)).run()
+    for key in ("final_val_loss", "final_train_loss", "tokens", "comm_bytes_per_rank"):
+        assert resumed[key] == full[key], key
+    # the log of the resumed run is the uninterrupted one: step 4's train loss averages steps
+    # 3 and 4 although step 3 ran before the interruption
+    assert log(tmp_path / "run") == log(tmp_path / "full")
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_a_finished_run_keeps_its_summary(tmp_path):
+    cfg = config(tmp_path, steps=2)
+    first = TrainJob(cfg).run()
+    written = (tmp_path / "run" / "summary.json").read_text()
+    again = TrainJob(cfg.replace(resume=True)).run()  # nothing left to do
+    assert again["final_val_loss"] == first["final_val_loss"]  # (a NaN would differ)
+    assert again["final_train_loss"] == first["final_train_loss"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_val_loss"] == \
+        json.loads(written)["final_val_loss"]
+    assert [r["step"] for r in log(tmp_path / "run")] == ["2"]  # the log is not extended either
+
+
 def test_the_same_job_twice_and_another_config_into_a_run_folder_are_refused(tmp_path):
     cfg = config(tmp_path, steps=2)
     TrainJob(cfg).run()

@@ -392,6 +392,10 @@ class _RankTrainer:
         self.ckpt = os.path.join(cfg.out, "ckpt", f"rank{rank}.pt")
         self.out_csv = os.path.join(cfg.out, "log.csv")
         self.start, self.tokens, self.wall0 = 0, 0, 0.0
+        # the losses since the last evaluation, and the last evaluation's: checkpointed, so a
+        # resumed run logs what the uninterrupted one would (and a finished one its summary)
+        self.window_loss, self.window_n = 0.0, 0
+        self.val_loss, self.last_train = float("nan"), float("nan")
         self.rows: list[dict] = []
 
     # -- parts -------------------------------------------------------------------------------
@@ -431,6 +435,8 @@ class _RankTrainer:
             set_rng_state(state["rng"])
             self.start, self.tokens = int(state["step"]), int(state["tokens"])
             self.wall0 = float(state["wall_s"])
+            self.window_loss, window_n, self.val_loss, self.last_train = state["losses"].tolist()
+            self.window_n = int(window_n)
         if self.rank == 0 and self.cfg.resume and os.path.exists(self.out_csv):
             with open(self.out_csv) as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.start]
@@ -444,7 +450,9 @@ class _RankTrainer:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                  "rng": rng_state(), "step": torch.tensor(step),
                  "tokens": torch.tensor(self.tokens),
-                 "wall_s": torch.tensor(self.wall(), dtype=torch.float64)}
+                 "wall_s": torch.tensor(self.wall(), dtype=torch.float64),
+                 "losses": torch.tensor([self.window_loss, self.window_n, self.val_loss, self.last_train],
+                                        dtype=torch.float64)}
         if self.selector is not None:
             state["selector"] = self.selector.state_dict()
         atomic_save(state, self.ckpt)
@@ -518,47 +526,45 @@ class _RankTrainer:
             bar = tqdm(total=cfg.steps, initial=self.start, desc=f"train {cfg.optimizer}",
                        unit="step", dynamic_ncols=True)
         self.t0 = time.perf_counter()
-        val_loss, last_train = float("nan"), float("nan")
-        window_loss, window_n = 0.0, 0
         t_log, tok_log = time.perf_counter(), self.tokens
         comm = lambda: getattr(self.opt, "comm_bytes", 0)  # noqa: E731  (a torch optimizer sends nothing)
         for step in range(self.start + 1, cfg.steps + 1):
             loss, lr = self.step(step)
-            window_loss += loss
-            window_n += 1
+            self.window_loss += loss
+            self.window_n += 1
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                last_train = self.metric_mean([window_loss / window_n])[0]
-                window_loss, window_n = 0.0, 0
-                val_loss = self.evaluate()
+                self.last_train = self.metric_mean([self.window_loss / self.window_n])[0]
+                self.window_loss, self.window_n = 0.0, 0
+                self.val_loss = val_loss = self.evaluate()
                 now = time.perf_counter()
                 tps = (self.tokens - tok_log) / max(now - t_log, 1e-9)
                 t_log, tok_log = now, self.tokens
                 if self.rank == 0:
                     self.rows.append({"step": step, "tokens": self.tokens,
-                                      "train_loss": f"{last_train:.5f}", "val_loss": f"{val_loss:.5f}",
+                                      "train_loss": f"{self.last_train:.5f}", "val_loss": f"{val_loss:.5f}",
                                       "comm_bytes": comm(), "wall_s": f"{self.wall():.2f}",
                                       "tokens_per_s": f"{tps:.0f}", "lr": f"{lr:.3e}"})
                     _write_csv(self.out_csv, self.rows)
             if bar is not None:
                 bar.update(1)
                 post = {"loss": f"{loss:.3f}"}
-                if val_loss == val_loss:  # no "val=nan" before the first evaluation
-                    post["val"] = f"{val_loss:.3f}"
+                if self.val_loss == self.val_loss:  # no "val=nan" before the first evaluation
+                    post["val"] = f"{self.val_loss:.3f}"
                 bar.set_postfix(**post, MB=f"{comm() / 2**20:.1f}")
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 self.save(step)
         if bar is not None:
             bar.close()
-        return self.finish(val_loss, last_train)
+        return self.finish()
 
-    def finish(self, val_loss: float, last_train: float) -> dict:
+    def finish(self) -> dict:
         import torch.distributed as dist
 
         wall = self.wall()
         opt, model = self.opt, self.model
         summary = {"optimizer": self.cfg.optimizer, "world": self.world, "steps": self.cfg.steps,
-                   "tokens": self.tokens, "final_val_loss": val_loss,
-                   "final_train_loss": last_train,
+                   "tokens": self.tokens, "final_val_loss": self.val_loss,
+                   "final_train_loss": self.last_train,
                    "comm_bytes_per_rank": getattr(opt, "comm_bytes", 0), "wall_s": wall,
                    "tokens_per_s": self.tokens / max(wall, 1e-9),
                    "optimizer_state_bytes": opt.state_bytes() if hasattr(opt, "state_bytes") else None,
