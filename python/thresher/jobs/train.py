@@ -318,6 +318,38 @@ def _is_instance(key: str, part) -> bool:
     return not isinstance(part, type) and hasattr(part, _INSTANCE_MARK[key])
 
 
+def _check_given_parts(cfg: TrainConfig, parts: dict, in_group: bool) -> None:
+    """The parts a caller gives, checked before any work: an instance stays in this process
+    (nproc=1 or the caller's group), an optimizer or selector instance was built on the model
+    instance given with it, and a factory for spawned ranks pickles."""
+    instances = [k for k, v in parts.items() if v is not None and _is_instance(k, v)]
+    if instances and cfg.nproc > 1 and not in_group:
+        raise JobError(f"{', '.join(instances)}: an instance cannot be sent to {cfg.nproc} "
+                       "spawned ranks; pass a factory, or nproc=1")
+    model = parts["model"] if "model" in instances else None
+    for key in ("optimizer", "selector"):
+        if key in instances and model is None:
+            raise JobError(f"{key}: an instance needs the model it was built on (model=...); "
+                           f"without it, pass a factory {key}(cfg, model{', val_samples' * (key == 'selector')})")
+    if "optimizer" in instances:
+        mine = {id(p) for p in model.parameters()}
+        if any(id(p) not in mine for g in parts["optimizer"].param_groups for p in g["params"]):
+            raise JobError("optimizer: the instance holds parameters that are not the model's; "
+                           "build it on the model given as model=...")
+    if "selector" in instances and getattr(parts["selector"], "model", model) is not model:
+        raise JobError("selector: the instance was built on another model than model=...")
+    if cfg.nproc > 1 and not in_group:
+        import pickle
+
+        for key, factory in parts.items():
+            if factory is not None:
+                try:
+                    pickle.dumps(factory)
+                except Exception as e:
+                    raise JobError(f"{key}: a factory for {cfg.nproc} spawned ranks must pickle (a "
+                                   f"module-level function), got {factory!r} ({e})") from None
+
+
 def _check_named_parts(cfg: TrainConfig) -> None:
     """Builds what the config names once, before any work: the model's GPTConfig, and the
     optimizer and the online selector on a one-layer stand-in of that model with a provisional
@@ -608,22 +640,19 @@ class TrainJob:
         rank 0's summary (also written to ``OUT/summary.json``). Every check runs before
         anything is written; a run that fails before it is recorded leaves ``out`` as it was."""
         from thresher.jobs.folders import open_out, undo_unrecorded
-        from thresher.jobs.launch import run_on_ranks, under_torchrun
+        from thresher.jobs.launch import in_group, run_on_ranks
 
         cfg = self.config
         cfg.validate()
-        instances = [k for k, v in self.parts.items() if v is not None and _is_instance(k, v)]
-        if instances and cfg.nproc > 1 and not under_torchrun():
-            raise JobError(f"{', '.join(instances)}: an instance cannot be sent to {cfg.nproc} "
-                           "spawned ranks; pass a factory, or nproc=1")
+        grouped = in_group()
+        _check_given_parts(cfg, self.parts, grouped)
         # (the default data cache is written before the run is recorded)
         pre_run = ("data",) if cfg.data_cache is None else ()
-        fresh = open_out(cfg.out, cfg.settings(), resume=cfg.resume, shared=under_torchrun(),
-                         pre_run=pre_run)
+        fresh = open_out(cfg.out, cfg.settings(), resume=cfg.resume, shared=grouped, pre_run=pre_run)
         try:
             return run_on_ranks(_train_rank, cfg.nproc, cfg.timeout, cfg, self.parts,
                                 before=lambda: prepare_data(cfg), name="train")
         except BaseException:
-            if not under_torchrun():
+            if not grouped:
                 undo_unrecorded(cfg.out, fresh, pre_run)
             raise
