@@ -33,6 +33,19 @@ def gpt():
     return GPT(GPTConfig(vocab_size=BYTE_VOCAB, d_model=16, n_layers=1, n_heads=2, max_seq_len=16))
 
 
+def test_your_model_and_optimizer_train_in_this_process(tmp_path):
+    model = gpt()
+    before = [p.detach().clone() for p in model.parameters()]
+    threads = torch.get_num_threads()
+    summary = TrainJob(config(tmp_path), model=model,
+                       optimizer=torch.optim.SGD(model.parameters(), lr=0.1)).run()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # trained in place
+    assert summary["optimizer"] == "SGD"  # what trained, not the config's unused "adamw"
+    assert summary["comm_bytes_per_rank"] == 0 and summary["optimizer_state_bytes"] is None
+    assert not dist.is_initialized()  # one process, no process group made or left behind
+    assert torch.get_num_threads() == threads  # the caller's torch settings are left as they were
+
+
 def test_an_optimizer_instance_needs_the_model_it_was_built_on(tmp_path):
     other = gpt()
     with pytest.raises(JobError, match="optimizer: an instance needs the model it was built on"):

@@ -415,6 +415,8 @@ class _RankTrainer:
         self.model = self.model.to(self.device)
         self.opt = self._part(parts, "optimizer", build_optimizer, self.model)
         self.selector = self._part(parts, "selector", self._default_selector, self.model, self.val)
+        # what the summary, log and plot call the optimizer: the config's name, or your class's
+        self.opt_name = cfg.optimizer if parts.get("optimizer") is None else type(self.opt).__name__
         if rank == 0:  # validated and built: from here on the folder holds this run
             from thresher.data.runs import record_run
 
@@ -555,7 +557,7 @@ class _RankTrainer:
         if self.rank == 0 and not cfg.no_progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.start, desc=f"train {cfg.optimizer}",
+            bar = tqdm(total=cfg.steps, initial=self.start, desc=f"train {self.opt_name}",
                        unit="step", dynamic_ncols=True)
         self.t0 = time.perf_counter()
         t_log, tok_log = time.perf_counter(), self.tokens
@@ -594,7 +596,7 @@ class _RankTrainer:
 
         wall = self.wall()
         opt, model = self.opt, self.model
-        summary = {"optimizer": self.cfg.optimizer, "world": self.world, "steps": self.cfg.steps,
+        summary = {"optimizer": self.opt_name, "world": self.world, "steps": self.cfg.steps,
                    "tokens": self.tokens, "final_val_loss": self.val_loss,
                    "final_train_loss": self.last_train,
                    "comm_bytes_per_rank": getattr(opt, "comm_bytes", 0), "wall_s": wall,
@@ -608,7 +610,7 @@ class _RankTrainer:
             with atomic_open(os.path.join(self.cfg.out, "summary.json")) as f:
                 json.dump(summary, f, indent=1)
             if not self.cfg.no_plot:
-                plot_loss_vs_bytes([(self.cfg.optimizer, self.rows)],
+                plot_loss_vs_bytes([(self.opt_name, self.rows)],
                                    os.path.join(self.cfg.out, "loss_vs_bytes.png"))
         if dist.is_initialized():
             from thresher.comm.collectives import barrier
@@ -618,7 +620,13 @@ class _RankTrainer:
 
 
 def _train_rank(rank: int, world: int, cfg: TrainConfig, parts: dict) -> dict:
-    return _RankTrainer(cfg, rank, world, parts).run()
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _RankTrainer(cfg, rank, world, parts).run()
+    finally:  # a run in the caller's process leaves its thread setting as it was
+        torch.set_num_threads(threads)
 
 
 class TrainJob:
