@@ -3,7 +3,8 @@
 A job's config is the one description of a run: the CLI fills it from its flags, a user's
 code builds it directly, and the job writes it beside its outputs (``config.json``) so a run
 can be read back, compared and resumed. Fields hold JSON values only (str, int, float, bool,
-None, lists/tuples and dicts of them); paths are strings.
+None, lists/tuples and dicts of them); a path (``pathlib.Path``) given for a str field is
+kept as its string.
 """
 from __future__ import annotations
 
@@ -35,10 +36,28 @@ def _declared(hint) -> tuple:
     return (hint,) if isinstance(hint, type) else (object,)  # typing.Any and the like
 
 
+def _is_json(value) -> bool:
+    """Whether ``value`` is a JSON value (dicts with str keys)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    return False
+
+
 def _coerce(cls_name: str, name: str, hint, value):
     declared = _declared(hint)
     if object in declared:
         return value
+    if isinstance(value, os.PathLike) and str in declared:
+        value = os.fspath(value)  # a pathlib.Path for a path field
+    if isinstance(value, (list, tuple, dict)) and not _is_json(value):
+        raise TypeError(f"{cls_name}.{name} must hold JSON values only (str, int, float, bool, None, "
+                        f"lists, dicts with str keys), got {value!r}")
+    if isinstance(value, dict):
+        value = json.loads(json.dumps(value))  # the config's own copy, as its JSON reads back
     if isinstance(value, list) and tuple in declared and list not in declared:
         value = tuple(value)  # JSON has no tuples
     if type(value) is int and float in declared and int not in declared:
@@ -76,7 +95,7 @@ class JobConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(map(repr, unknown))}; "
+            raise JobError(f"{cls.__name__}: unknown field(s) {', '.join(map(repr, unknown))}; "
                              f"the fields are {', '.join(sorted(names))}")
         return cls(**data)
 
@@ -94,13 +113,13 @@ class JobConfig:
     @classmethod
     def from_json(cls, source: str | os.PathLike):
         """A config from JSON text or from the path of a JSON file."""
-        text = str(source)
-        if isinstance(source, Path) or not text.lstrip().startswith("{"):
+        text = os.fspath(source)
+        if isinstance(source, os.PathLike) or not text.lstrip().startswith(("{", "[")):
             text = Path(source).read_text(encoding="utf-8")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{cls.__name__}.from_json: not valid JSON ({exc})") from None
+            raise JobError(f"{cls.__name__}.from_json: not valid JSON ({exc})") from None
         return cls.from_dict(data)
 
     # -- the CLI ---------------------------------------------------------------------------
@@ -122,6 +141,14 @@ class JobConfig:
             elif f.default_factory is not dataclasses.MISSING:
                 out[f.name] = f.default_factory()
         return out
+
+    def _check_at_least(self, lo, *names: str) -> None:
+        """For ``validate``: a JobError naming the flag unless each field in ``names`` is None
+        or >= ``lo``."""
+        for name in names:
+            v = getattr(self, name)
+            if v is not None and not v >= lo:  # (NaN fails too)
+                raise JobError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
 
     def replace(self, **changes):
         """A copy with ``changes`` (unknown names raise TypeError, as ``dataclasses.replace``)."""

@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from thresher.jobs.config import JobConfig
+from thresher.jobs.config import JobConfig, JobError
 
 __all__ = ["DemoConfig", "DemoJob", "MODES"]
 
@@ -62,20 +61,17 @@ class DemoConfig(JobConfig):
     resume: bool = False            # reuse finished stages in out
 
     def validate(self) -> None:
+        """What can be checked before a file is written (a JobError names the flag)."""
         if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
-        if self.nproc < 1:
-            raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
-        if self.max_pool_docs is not None and self.max_pool_docs < 0:
-            raise ValueError(f"--max-pool-docs must be >= 0, got {self.max_pool_docs}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+            raise JobError(f"--fraction must be in (0, 1], got {self.fraction}")
+        self._check_at_least(1, "nproc", "steps")
+        self._check_at_least(0, "max_pool_docs", "seed")  # (seed: the embedded corpus takes no negative one)
         for name in ("pool", "target"):
             v = getattr(self, name)
             if v != "embedded" and not Path(v).exists():
-                raise ValueError(f"--{name} {v!r}: no such file or folder")
+                raise JobError(f"--{name} {v!r}: no such file or folder")
         if (self.pool == "embedded") != (self.target == "embedded"):
-            raise ValueError("--pool and --target must both be 'embedded' or both be paths")
+            raise JobError("--pool and --target must both be 'embedded' or both be paths")
 
 
 class DemoJob:
@@ -88,24 +84,23 @@ class DemoJob:
         self.config = config
 
     def run(self) -> dict:
-        from thresher.data.runs import check_run_folder
+        from thresher.jobs.folders import open_out, undo_unrecorded
 
         config = self.config
         config.validate()
         out = Path(config.out)
-        settings = {k: v for k, v in sorted(config.to_dict().items()) if k != "resume"}
-        fresh = not check_run_folder(out, settings, resume=config.resume) and not config.resume
-        out.mkdir(parents=True, exist_ok=True)
+        # what resume compares: not out itself (a run folder may be moved or named by another path)
+        settings = {k: v for k, v in sorted(config.to_dict().items()) if k not in ("resume", "out")}
+        pre_run = ("data", "stages.json")  # written before the run is recorded (stage 1)
+        fresh = open_out(out, settings, resume=config.resume, pre_run=pre_run)
         clock = _Clock(out / "stages.json")
         try:
             return _pipeline(config, MODES["quick" if config.quick else "default"], out, clock, settings)
         except BaseException:
             clock.end()
-            if fresh and not (out / "run.json").exists():
-                # failed on its inputs before the run was recorded: leave the folder as it was (it
-                # was empty), so that the corrected command can use it
-                shutil.rmtree(out / "data", ignore_errors=True)
-                (out / "stages.json").unlink(missing_ok=True)
+            # failed on its inputs before the run was recorded: leave the folder as it was, so
+            # that the corrected command can use it
+            undo_unrecorded(out, fresh, pre_run)
             raise
         finally:
             clock.end()  # an interrupted stage keeps its time for the resumed run's report

@@ -4,7 +4,7 @@
 inside an initialised process group and returns rank 0's (JSON) result. Under torchrun
 (``RANK``/``WORLD_SIZE`` set) this process is one rank of the env:// group (NCCL with CUDA,
 else gloo); a group the caller already initialised is used as it is. Otherwise ``nproc``
-ranks are spawned on loopback; a bad input found by a rank comes back as one ``ValueError``.
+ranks are spawned on loopback; a bad input found by a rank comes back as one ``JobError``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-__all__ = ["run_on_ranks", "under_torchrun"]
+__all__ = ["run_on_ranks", "under_torchrun", "in_group"]
 
 # errors a rank reports as one line (bad input), like the launcher's own
 _USER_ERRORS = ("ValueError", "TypeError", "FileNotFoundError", "PermissionError", "ImportError",
@@ -22,6 +22,14 @@ _USER_ERRORS = ("ValueError", "TypeError", "FileNotFoundError", "PermissionError
 
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def in_group() -> bool:
+    """Whether :func:`run_on_ranks` runs this process as one rank of a group (torchrun's, or
+    one the caller initialised) rather than spawning the ranks."""
+    import torch.distributed as dist
+
+    return under_torchrun() or dist.is_initialized()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -87,9 +95,7 @@ def run_on_ranks(fn, nproc: int, timeout: float, *args, before=None, name: str =
     """``fn(rank, world, *args)`` on every rank; returns rank 0's result. ``before()`` runs
     once before the ranks start (under torchrun: on rank 0, behind a barrier). ``fn`` and
     ``args`` must pickle when ``nproc > 1`` (the ranks are spawned)."""
-    import torch.distributed as dist
-
-    if under_torchrun() or dist.is_initialized():
+    if in_group():
         return _in_group(fn, timeout, args, before)
     if before is not None:
         before()
@@ -120,10 +126,11 @@ def run_on_ranks(fn, nproc: int, timeout: float, *args, before=None, name: str =
             else:
                 time.sleep(0.1)
     except BaseException:  # Ctrl-C or a kill of the launcher: the ranks stop with it
-        for p in procs:
+        started = [p for p in procs if p.pid is not None]  # (a start can fail: an unpicklable arg)
+        for p in started:
             if p.is_alive():
                 p.terminate()
-        for p in procs:
+        for p in started:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
@@ -140,7 +147,9 @@ def run_on_ranks(fn, nproc: int, timeout: float, *args, before=None, name: str =
         results[rank] = (status, out)
     user = [f"rank {r}: {o}" for r, (s, o) in sorted(results.items()) if s == "user"]
     if user:  # a bad input found by a rank: one line, like the launcher's own checks
-        raise ValueError(user[0])
+        from thresher.jobs.config import JobError
+
+        raise JobError(user[0])
     errors = [f"rank {r}: {o}" for r, (s, o) in sorted(results.items()) if s == "error"]
     if errors or 0 not in results:
         raise RuntimeError(f"thresher {name} failed:\n" + ("\n".join(errors) or

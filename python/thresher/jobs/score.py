@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from thresher.core.files import save_json, save_npy
-from thresher.data.runs import check_run_folder, record_run
+from thresher.data.runs import record_run
 from thresher.jobs.config import JobConfig, JobError
-from thresher.jobs.sources import open_source, source_spec
+from thresher.jobs.folders import open_out
+from thresher.jobs.sources import embedded_size, open_source, source_spec
 
 __all__ = ["ScoreConfig", "ScoreJob", "METHODS", "MANIFEST_VERSION", "finalize", "check_device"]
 
@@ -71,13 +72,26 @@ class ScoreConfig(JobConfig):
 
     def validate(self) -> None:
         """What can be checked before a file is written (errors name the flag)."""
-        if self.seq_len < 2:
-            raise JobError(f"--seq-len must be >= 2, got {self.seq_len}")
-        if self.shard_size < 1 or self.score_batch_size < 1:
-            raise JobError("--shard-size and --score-batch-size must be positive")
+        self._check_at_least(2, "seq_len")
+        self._check_at_least(1, "shard_size", "score_batch_size")
         if self.tokenizer == "bpe" and self.vocab_size < 260:
             raise JobError(f"--vocab-size must be >= 260 for the BPE tokenizer (256 bytes + 2 specials + "
                            f"merges), got {self.vocab_size}")
+        if "embedded" in (self.pool, self.target):
+            embedded_size(self.embedded_size)
+            self._check_at_least(0, "corpus_seed")
+        # the method options the scorer only uses when it fits (after the data step)
+        self._check_at_least(0, "steps")
+        self._check_at_least(1, "batch_size")
+        if self.lr is not None and not (np.isfinite(self.lr) and self.lr > 0):
+            raise JobError(f"--lr must be a positive number, got {self.lr}")
+        if self.model is not None and not Path(self.model).exists():
+            from thresher.models.gpt import GPTConfig
+
+            try:
+                GPTConfig.preset(self.model, 260)
+            except ValueError as e:
+                raise JobError(f"--model must be a preset or a local HF folder: {e}") from None
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise JobError(f"--out {self.out!r} exists and is not a folder")
@@ -158,8 +172,8 @@ class ScoreJob:
                          "shard_size": cfg.shard_size}
         self.rank, self.world = _rank_world()
         # under torchrun the ranks start together: another rank may have written run.json
-        check_run_folder(self.out, self.settings, resume=cfg.resume, shared=self.world > 1)
-        self.out.mkdir(parents=True, exist_ok=True)
+        open_out(self.out, self.settings, resume=cfg.resume, shared=self.world > 1,
+                 pre_run=("pool_samples", "target_samples", "data.json"))
         self.data = _prepare_data(cfg, self.out, self.pool_spec, self.target_spec, self.progress)
         record_run(self.out, self.settings)  # after the data: a run that failed on its inputs can be redone
         self.timings["data_s"] = time.perf_counter() - t0

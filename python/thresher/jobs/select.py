@@ -40,6 +40,7 @@ class SelectConfig(JobConfig):
     no_progress: bool = False
 
     def validate(self) -> None:
+        """What can be checked before a file is read or written (a JobError names the flag)."""
         if self.strategy not in STRATEGIES:
             raise JobError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.reduce not in DOCUMENT_REDUCTIONS:
@@ -51,6 +52,11 @@ class SelectConfig(JobConfig):
             raise JobError(f"--strategy {self.strategy} needs --fraction (in (0, 1])")
         elif not 0.0 < self.fraction <= 1.0:
             raise JobError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.threshold is not None and np.isnan(self.threshold):
+            raise JobError("--threshold must be a number, got nan")
+        if not (np.isfinite(self.temperature) and self.temperature >= 0):
+            raise JobError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        self._check_at_least(0, "seed")
 
 
 def load_scores(folder: str | Path, reduce: str = "mean") -> tuple[dict, np.ndarray, np.ndarray]:
@@ -60,6 +66,8 @@ def load_scores(folder: str | Path, reduce: str = "mean") -> tuple[dict, np.ndar
     from thresher.data.packing import reduce_by_document
 
     d = Path(folder)
+    if d.exists() and not d.is_dir():
+        raise JobError(f"--scores {str(folder)!r} is a file, not the output folder of thresher score")
     if not d.is_dir():
         raise JobError(f"--scores: no such folder: {str(folder)!r}")
     if not (d / "manifest.json").is_file():

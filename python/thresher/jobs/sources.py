@@ -9,7 +9,21 @@ from pathlib import Path
 from thresher.data.runs import fingerprint
 from thresher.jobs.config import JobError
 
-__all__ = ["source_spec", "open_source", "embedded_for"]
+__all__ = ["source_spec", "open_source", "embedded_for", "embedded_size"]
+
+
+def embedded_size(value, flag: str = "--embedded-size"):
+    """The embedded corpus size a config names: 'quick', 'default' or a pool size >= 10 (an
+    int, or its digits as the command line gives them); otherwise a JobError naming ``flag``."""
+    from thresher.data.embedded import EMBEDDED_SIZES
+
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if (isinstance(value, str) and value in EMBEDDED_SIZES) or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 10):
+        return value
+    raise JobError(f"{flag} must be {', '.join(EMBEDDED_SIZES)} or a number of pool documents >= 10, "
+                   f"got {value!r}")
 
 
 def source_spec(path: str, *, text_field: str, split: str, hf_split, corpus_seed: int, embedded_size,
@@ -35,8 +49,7 @@ def source_spec(path: str, *, text_field: str, split: str, hf_split, corpus_seed
 
 def embedded_for(spec: dict):
     """The embedded corpus a spec names (built once per process)."""
-    size = spec["embedded_size"]
-    return _embedded_cached(int(spec["corpus_seed"]), int(size) if str(size).isdigit() else size)
+    return _embedded_cached(int(spec["corpus_seed"]), embedded_size(spec["embedded_size"]))
 
 
 @functools.lru_cache(maxsize=2)

@@ -89,46 +89,55 @@ class TrainConfig(JobConfig):
     no_plot: bool = False
 
     def settings(self) -> dict:
-        """What ``OUT/run.json`` records and ``resume`` compares."""
-        return {k: v for k, v in sorted(self.to_dict().items()) if k not in RESUMABLE_CHANGES}
+        """What ``OUT/run.json`` records and ``resume`` compares: the training settings, with
+        the corpus and tokenizer files by content (a changed corpus is not resumed; a moved one
+        is), and not ``out`` itself (a run folder may be moved or named by another path)."""
+        settings = {k: v for k, v in sorted(self.to_dict().items())
+                    if k not in RESUMABLE_CHANGES and k != "out"}
+        for k in ("corpus", "val_corpus", "tokenizer"):
+            settings[k] = _content(settings[k])
+        return settings
 
     def validate(self) -> None:
-        """Everything that can be checked before a file is written (errors name the flag)."""
-        for name in ("steps", "batch_size", "nproc", "eval_every", "ckpt_every", "sync_every",
-                     "seq_len", "eval_samples", "val_every_nth", "rank"):
-            v = getattr(self, name)
-            if v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        if self.seq_len < 2:
-            raise ValueError(f"--seq-len must be >= 2, got {self.seq_len}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        """Everything that can be checked before a file is written (a JobError names the flag)."""
+        self._check_at_least(1, "steps", "batch_size", "nproc", "eval_every", "ckpt_every", "sync_every",
+                             "eval_samples", "val_every_nth", "rank", "threads")
+        self._check_at_least(2, "seq_len")
+        self._check_at_least(0, "warmup", "weight_decay")
+        for name in ("lr", "timeout"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise JobError(f"--{name} must be a positive number, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("warmup", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+            raise JobError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", ("cosine", "constant")),
                               ("outer", ("average", "nesterov")), ("proj", ("svd", "power", "random")),
                               ("init_proj", ("random", "grad"))):
             if getattr(self, name) not in choices:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                 f"got {getattr(self, name)!r}")
+                raise JobError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                               f"got {getattr(self, name)!r}")
         if self.tokenizer == "bpe" and self.vocab_size < 260:
-            raise ValueError(f"--vocab-size must be >= 260 for the BPE tokenizer, got {self.vocab_size}")
-        if self.corpus != "embedded" and not os.path.exists(self.corpus):
-            raise ValueError(f"--corpus {self.corpus!r}: no such file or folder")
-        if self.val_corpus is not None and not os.path.exists(self.val_corpus):
-            raise ValueError(f"--val-corpus {self.val_corpus!r}: no such file or folder")
-        if self.select:
-            from thresher.selection.online import ONLINE_SELECTORS
+            raise JobError(f"--vocab-size must be >= 260 for the BPE tokenizer, got {self.vocab_size}")
+        if self.corpus == "embedded":
+            from thresher.jobs.sources import embedded_size
 
-            if self.select not in ONLINE_SELECTORS:
-                raise ValueError(f"--select must be one of {', '.join(ONLINE_SELECTORS)}, "
-                                 f"got {self.select!r}")
+            embedded_size(self.embedded_size)
+        elif not os.path.exists(self.corpus):
+            raise JobError(f"--corpus {self.corpus!r}: no such file or folder")
+        if self.val_corpus is not None and not os.path.exists(self.val_corpus):
+            raise JobError(f"--val-corpus {self.val_corpus!r}: no such file or folder")
+        if self.data_cache is not None and os.path.exists(self.data_cache) \
+                and not os.path.isdir(self.data_cache):
+            raise JobError(f"--data-cache {self.data_cache!r} exists and is not a folder")
+        if self.select:
+            from thresher.selection.registry import ONLINE
+
+            if self.select not in ONLINE.names():  # the built-in ones and those registered since
+                raise JobError(f"--select must be one of {', '.join(ONLINE.names())}, "
+                               f"got {self.select!r}")
         if self.select_opt and not self.select:
             opts = " ".join(f"{k}={json.dumps(v)}" for k, v in self.select_opt.items())
-            raise ValueError(f"--select-opt {opts} needs --select (the online selector it configures)")
+            raise JobError(f"--select-opt {opts} needs --select (the online selector it configures)")
+        _check_named_parts(self)
 
     # -- data --------------------------------------------------------------------------------
     def data_dir(self) -> str:
@@ -155,12 +164,13 @@ def prepare_data(cfg: TrainConfig) -> str:
     """Tokenises and packs the corpus once; returns the folder holding train/ and val/."""
     from thresher.core.files import atomic_open
     from thresher.data import Document, embedded_corpus, load_tokenizer, pack, read_documents
+    from thresher.jobs.sources import embedded_size
 
     folder = cfg.data_dir()
     if os.path.exists(os.path.join(folder, "meta.json")):
         return folder
     if cfg.corpus == "embedded":
-        corpus = embedded_corpus(seed=0, size=cfg.embedded_size)
+        corpus = embedded_corpus(seed=0, size=embedded_size(cfg.embedded_size))
         train_docs, val_docs = corpus.pool, corpus.target
     else:
         docs = list(read_documents(cfg.corpus, cfg.text_field))
@@ -187,6 +197,15 @@ def prepare_data(cfg: TrainConfig) -> str:
         json.dump({"vocab_size": tok.vocab_size, "train_samples": len(train),
                    "val_samples": len(val), "train_tokens": int(train.num_tokens)}, f)
     return folder
+
+
+def model_config(cfg: TrainConfig, vocab_size: int):
+    """The ``GPTConfig`` of the model ``cfg`` names: the preset, with the given overrides."""
+    from thresher.models.gpt import GPTConfig
+
+    over = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads") if getattr(cfg, k) is not None}
+    gcfg = GPTConfig.preset(cfg.model, vocab_size, max_seq_len=cfg.seq_len)
+    return GPTConfig(**dict(gcfg.to_dict(), d_ff=None, **over)) if over else gcfg
 
 
 def build_optimizer(cfg: TrainConfig, model):
@@ -299,6 +318,71 @@ def _is_instance(key: str, part) -> bool:
     return not isinstance(part, type) and hasattr(part, _INSTANCE_MARK[key])
 
 
+def _check_given_parts(cfg: TrainConfig, parts: dict, in_group: bool) -> None:
+    """The parts a caller gives, checked before any work: an instance stays in this process
+    (nproc=1 or the caller's group), an optimizer or selector instance was built on the model
+    instance given with it, and a factory for spawned ranks pickles."""
+    instances = [k for k, v in parts.items() if v is not None and _is_instance(k, v)]
+    if instances and cfg.nproc > 1 and not in_group:
+        raise JobError(f"{', '.join(instances)}: an instance cannot be sent to {cfg.nproc} "
+                       "spawned ranks; pass a factory, or nproc=1")
+    model = parts["model"] if "model" in instances else None
+    for key in ("optimizer", "selector"):
+        if key in instances and model is None:
+            raise JobError(f"{key}: an instance needs the model it was built on (model=...); "
+                           f"without it, pass a factory {key}(cfg, model{', val_samples' * (key == 'selector')})")
+    if "optimizer" in instances:
+        mine = {id(p) for p in model.parameters()}
+        if any(id(p) not in mine for g in parts["optimizer"].param_groups for p in g["params"]):
+            raise JobError("optimizer: the instance holds parameters that are not the model's; "
+                           "build it on the model given as model=...")
+    if "selector" in instances and getattr(parts["selector"], "model", model) is not model:
+        raise JobError("selector: the instance was built on another model than model=...")
+    if cfg.nproc > 1 and not in_group:
+        import pickle
+
+        for key, factory in parts.items():
+            if factory is not None:
+                try:
+                    pickle.dumps(factory)
+                except Exception as e:
+                    raise JobError(f"{key}: a factory for {cfg.nproc} spawned ranks must pickle (a "
+                                   f"module-level function), got {factory!r} ({e})") from None
+
+
+def _check_named_parts(cfg: TrainConfig) -> None:
+    """Builds what the config names once, before any work: the model's GPTConfig, and the
+    optimizer and the online selector on a one-layer stand-in of that model with a provisional
+    vocabulary (the real ones are built on each rank after the data step). So a bad option is
+    a JobError naming its flags, not a failure after tokenising. Inside a process group only
+    the model is checked (the optimizers communicate when they are built)."""
+    import torch
+    import torch.distributed as dist
+
+    from thresher.models.gpt import GPT, GPTConfig
+
+    try:
+        gcfg = model_config(cfg, 260)  # 256 bytes + specials: the smallest vocabulary
+    except (TypeError, ValueError) as e:
+        raise JobError(f"--model {cfg.model} (--d-model/--n-layers/--n-heads): {e}") from None
+    if dist.is_initialized():
+        return
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+        stand_in = GPT(GPTConfig(**dict(gcfg.to_dict(), n_layers=1)))
+        try:
+            build_optimizer(cfg, stand_in)
+        except (TypeError, ValueError) as e:
+            raise JobError(f"--optimizer {cfg.optimizer} rejects its options: {e}") from None
+        if cfg.select:
+            from thresher.selection.online import build_online_selector
+
+            try:
+                build_online_selector(cfg.select, stand_in, torch.zeros(2, cfg.seq_len, dtype=torch.long),
+                                      **cfg.select_opt)
+            except (TypeError, ValueError) as e:
+                raise JobError(f"--select {cfg.select} rejects --select-opt: {e}") from None
+
+
 class _RankTrainer:
     """The training loop of one rank: build, resume, step, evaluate, log, checkpoint."""
 
@@ -331,6 +415,8 @@ class _RankTrainer:
         self.model = self.model.to(self.device)
         self.opt = self._part(parts, "optimizer", build_optimizer, self.model)
         self.selector = self._part(parts, "selector", self._default_selector, self.model, self.val)
+        # what the summary, log and plot call the optimizer: the config's name, or your class's
+        self.opt_name = cfg.optimizer if parts.get("optimizer") is None else type(self.opt).__name__
         if rank == 0:  # validated and built: from here on the folder holds this run
             from thresher.data.runs import record_run
 
@@ -340,6 +426,10 @@ class _RankTrainer:
         self.ckpt = os.path.join(cfg.out, "ckpt", f"rank{rank}.pt")
         self.out_csv = os.path.join(cfg.out, "log.csv")
         self.start, self.tokens, self.wall0 = 0, 0, 0.0
+        # the losses since the last evaluation, and the last evaluation's: checkpointed, so a
+        # resumed run logs what the uninterrupted one would (and a finished one its summary)
+        self.window_loss, self.window_n = 0.0, 0
+        self.val_loss, self.last_train = float("nan"), float("nan")
         self.rows: list[dict] = []
 
     # -- parts -------------------------------------------------------------------------------
@@ -352,14 +442,9 @@ class _RankTrainer:
         return given(self.cfg, *((self.meta["vocab_size"],) if key == "model" else args))
 
     def _default_model(self, cfg):
-        from thresher.models.gpt import GPT, GPTConfig
+        from thresher.models.gpt import GPT
 
-        over = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads")
-                if getattr(cfg, k) is not None}
-        gcfg = GPTConfig.preset(cfg.model, self.meta["vocab_size"], max_seq_len=cfg.seq_len)
-        if over:
-            gcfg = GPTConfig(**dict(gcfg.to_dict(), d_ff=None, **over))
-        return GPT(gcfg)
+        return GPT(model_config(cfg, self.meta["vocab_size"]))
 
     @staticmethod
     def _default_selector(cfg, model, val):
@@ -384,6 +469,8 @@ class _RankTrainer:
             set_rng_state(state["rng"])
             self.start, self.tokens = int(state["step"]), int(state["tokens"])
             self.wall0 = float(state["wall_s"])
+            self.window_loss, window_n, self.val_loss, self.last_train = state["losses"].tolist()
+            self.window_n = int(window_n)
         if self.rank == 0 and self.cfg.resume and os.path.exists(self.out_csv):
             with open(self.out_csv) as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.start]
@@ -397,7 +484,9 @@ class _RankTrainer:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                  "rng": rng_state(), "step": torch.tensor(step),
                  "tokens": torch.tensor(self.tokens),
-                 "wall_s": torch.tensor(self.wall(), dtype=torch.float64)}
+                 "wall_s": torch.tensor(self.wall(), dtype=torch.float64),
+                 "losses": torch.tensor([self.window_loss, self.window_n, self.val_loss, self.last_train],
+                                        dtype=torch.float64)}
         if self.selector is not None:
             state["selector"] = self.selector.state_dict()
         atomic_save(state, self.ckpt)
@@ -468,50 +557,48 @@ class _RankTrainer:
         if self.rank == 0 and not cfg.no_progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.start, desc=f"train {cfg.optimizer}",
+            bar = tqdm(total=cfg.steps, initial=self.start, desc=f"train {self.opt_name}",
                        unit="step", dynamic_ncols=True)
         self.t0 = time.perf_counter()
-        val_loss, last_train = float("nan"), float("nan")
-        window_loss, window_n = 0.0, 0
         t_log, tok_log = time.perf_counter(), self.tokens
         comm = lambda: getattr(self.opt, "comm_bytes", 0)  # noqa: E731  (a torch optimizer sends nothing)
         for step in range(self.start + 1, cfg.steps + 1):
             loss, lr = self.step(step)
-            window_loss += loss
-            window_n += 1
+            self.window_loss += loss
+            self.window_n += 1
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                last_train = self.metric_mean([window_loss / window_n])[0]
-                window_loss, window_n = 0.0, 0
-                val_loss = self.evaluate()
+                self.last_train = self.metric_mean([self.window_loss / self.window_n])[0]
+                self.window_loss, self.window_n = 0.0, 0
+                self.val_loss = val_loss = self.evaluate()
                 now = time.perf_counter()
                 tps = (self.tokens - tok_log) / max(now - t_log, 1e-9)
                 t_log, tok_log = now, self.tokens
                 if self.rank == 0:
                     self.rows.append({"step": step, "tokens": self.tokens,
-                                      "train_loss": f"{last_train:.5f}", "val_loss": f"{val_loss:.5f}",
+                                      "train_loss": f"{self.last_train:.5f}", "val_loss": f"{val_loss:.5f}",
                                       "comm_bytes": comm(), "wall_s": f"{self.wall():.2f}",
                                       "tokens_per_s": f"{tps:.0f}", "lr": f"{lr:.3e}"})
                     _write_csv(self.out_csv, self.rows)
             if bar is not None:
                 bar.update(1)
                 post = {"loss": f"{loss:.3f}"}
-                if val_loss == val_loss:  # no "val=nan" before the first evaluation
-                    post["val"] = f"{val_loss:.3f}"
+                if self.val_loss == self.val_loss:  # no "val=nan" before the first evaluation
+                    post["val"] = f"{self.val_loss:.3f}"
                 bar.set_postfix(**post, MB=f"{comm() / 2**20:.1f}")
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 self.save(step)
         if bar is not None:
             bar.close()
-        return self.finish(val_loss, last_train)
+        return self.finish()
 
-    def finish(self, val_loss: float, last_train: float) -> dict:
+    def finish(self) -> dict:
         import torch.distributed as dist
 
         wall = self.wall()
         opt, model = self.opt, self.model
-        summary = {"optimizer": self.cfg.optimizer, "world": self.world, "steps": self.cfg.steps,
-                   "tokens": self.tokens, "final_val_loss": val_loss,
-                   "final_train_loss": last_train,
+        summary = {"optimizer": self.opt_name, "world": self.world, "steps": self.cfg.steps,
+                   "tokens": self.tokens, "final_val_loss": self.val_loss,
+                   "final_train_loss": self.last_train,
                    "comm_bytes_per_rank": getattr(opt, "comm_bytes", 0), "wall_s": wall,
                    "tokens_per_s": self.tokens / max(wall, 1e-9),
                    "optimizer_state_bytes": opt.state_bytes() if hasattr(opt, "state_bytes") else None,
@@ -523,7 +610,7 @@ class _RankTrainer:
             with atomic_open(os.path.join(self.cfg.out, "summary.json")) as f:
                 json.dump(summary, f, indent=1)
             if not self.cfg.no_plot:
-                plot_loss_vs_bytes([(self.cfg.optimizer, self.rows)],
+                plot_loss_vs_bytes([(self.opt_name, self.rows)],
                                    os.path.join(self.cfg.out, "loss_vs_bytes.png"))
         if dist.is_initialized():
             from thresher.comm.collectives import barrier
@@ -533,7 +620,13 @@ class _RankTrainer:
 
 
 def _train_rank(rank: int, world: int, cfg: TrainConfig, parts: dict) -> dict:
-    return _RankTrainer(cfg, rank, world, parts).run()
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _RankTrainer(cfg, rank, world, parts).run()
+    finally:  # a run in the caller's process leaves its thread setting as it was
+        torch.set_num_threads(threads)
 
 
 class TrainJob:
@@ -552,17 +645,22 @@ class TrainJob:
 
     def run(self) -> dict:
         """Runs the training (spawning ``nproc`` ranks, or joining torchrun's group); returns
-        rank 0's summary (also written to ``OUT/summary.json``)."""
-        from thresher.data.runs import check_run_folder
-        from thresher.jobs.launch import run_on_ranks, under_torchrun
+        rank 0's summary (also written to ``OUT/summary.json``). Every check runs before
+        anything is written; a run that fails before it is recorded leaves ``out`` as it was."""
+        from thresher.jobs.folders import open_out, undo_unrecorded
+        from thresher.jobs.launch import in_group, run_on_ranks
 
         cfg = self.config
         cfg.validate()
-        instances = [k for k, v in self.parts.items() if v is not None and _is_instance(k, v)]
-        if instances and cfg.nproc > 1 and not under_torchrun():
-            raise JobError(f"{', '.join(instances)}: an instance cannot be sent to {cfg.nproc} "
-                           "spawned ranks; pass a factory, or nproc=1")
-        check_run_folder(cfg.out, cfg.settings(), resume=cfg.resume, shared=under_torchrun())
-        os.makedirs(cfg.out, exist_ok=True)
-        return run_on_ranks(_train_rank, cfg.nproc, cfg.timeout, cfg, self.parts,
-                            before=lambda: prepare_data(cfg), name="train")
+        grouped = in_group()
+        _check_given_parts(cfg, self.parts, grouped)
+        # (the default data cache is written before the run is recorded)
+        pre_run = ("data",) if cfg.data_cache is None else ()
+        fresh = open_out(cfg.out, cfg.settings(), resume=cfg.resume, shared=grouped, pre_run=pre_run)
+        try:
+            return run_on_ranks(_train_rank, cfg.nproc, cfg.timeout, cfg, self.parts,
+                                before=lambda: prepare_data(cfg), name="train")
+        except BaseException:
+            if not grouped:
+                undo_unrecorded(cfg.out, fresh, pre_run)
+            raise
