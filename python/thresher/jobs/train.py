@@ -140,12 +140,14 @@ class TrainConfig(JobConfig):
         _check_named_parts(self)
 
     # -- data --------------------------------------------------------------------------------
-    def data_dir(self) -> str:
+    def data_dir(self, settings: dict | None = None) -> str:
         """The cache folder of this run's tokenised samples: keyed on the data settings and the
-        *content* of the corpus and tokenizer files (a changed corpus is tokenised again)."""
-        desc = json.dumps([_content(self.corpus), _content(self.val_corpus), self.text_field,
-                           self.val_every_nth, self.embedded_size, _content(self.tokenizer),
-                           self.vocab_size, self.seq_len])
+        *content* of the corpus and tokenizer files (a changed corpus is tokenised again).
+        ``settings``: this config's :meth:`settings`, when the caller has them (fingerprinting
+        reads every byte of the corpus, so a run does it once)."""
+        s = self.settings() if settings is None else settings
+        desc = json.dumps([s["corpus"], s["val_corpus"], self.text_field, self.val_every_nth,
+                           self.embedded_size, s["tokenizer"], self.vocab_size, self.seq_len])
         key = hashlib.sha1(desc.encode()).hexdigest()[:12]
         return os.path.join(self.data_cache or os.path.join(self.out, "data"), key)
 
@@ -160,13 +162,13 @@ def _content(path):
     return [os.path.abspath(path), fingerprint(path)]
 
 
-def prepare_data(cfg: TrainConfig) -> str:
+def prepare_data(cfg: TrainConfig, settings: dict | None = None) -> str:
     """Tokenises and packs the corpus once; returns the folder holding train/ and val/."""
     from thresher.core.files import atomic_open
     from thresher.data import Document, embedded_corpus, load_tokenizer, pack, read_documents
     from thresher.jobs.sources import embedded_size
 
-    folder = cfg.data_dir()
+    folder = cfg.data_dir(settings)
     if os.path.exists(os.path.join(folder, "meta.json")):
         return folder
     if cfg.corpus == "embedded":
@@ -386,7 +388,7 @@ def _check_named_parts(cfg: TrainConfig) -> None:
 class _RankTrainer:
     """The training loop of one rank: build, resume, step, evaluate, log, checkpoint."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, parts: dict):
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, parts: dict, settings: dict):
         import torch
         import torch.distributed as dist
 
@@ -398,7 +400,7 @@ class _RankTrainer:
         # gloo's waits spin), so each rank gets cores // N threads unless told otherwise
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
         self.info = resolve_group(None, cfg.timeout)
-        folder = cfg.data_dir()
+        folder = cfg.data_dir(settings)
         self.train = Samples.load(os.path.join(folder, "train"))
         self.val = Samples.load(os.path.join(folder, "val"))
         with open(os.path.join(folder, "meta.json")) as f:
@@ -420,7 +422,7 @@ class _RankTrainer:
         if rank == 0:  # validated and built: from here on the folder holds this run
             from thresher.data.runs import record_run
 
-            record_run(cfg.out, cfg.settings())
+            record_run(cfg.out, settings)
             cfg.to_json(os.path.join(cfg.out, "config.json"))  # the whole config, to rerun it
         torch.manual_seed(cfg.seed * 7919 + rank + 1)  # per-rank stream (dropout, selectors)
         self.ckpt = os.path.join(cfg.out, "ckpt", f"rank{rank}.pt")
@@ -619,12 +621,12 @@ class _RankTrainer:
         return summary
 
 
-def _train_rank(rank: int, world: int, cfg: TrainConfig, parts: dict) -> dict:
+def _train_rank(rank: int, world: int, cfg: TrainConfig, parts: dict, settings: dict) -> dict:
     import torch
 
     threads = torch.get_num_threads()
     try:
-        return _RankTrainer(cfg, rank, world, parts).run()
+        return _RankTrainer(cfg, rank, world, parts, settings).run()
     finally:  # a run in the caller's process leaves its thread setting as it was
         torch.set_num_threads(threads)
 
@@ -656,10 +658,11 @@ class TrainJob:
         _check_given_parts(cfg, self.parts, grouped)
         # (the default data cache is written before the run is recorded)
         pre_run = ("data",) if cfg.data_cache is None else ()
-        fresh = open_out(cfg.out, cfg.settings(), resume=cfg.resume, shared=grouped, pre_run=pre_run)
+        settings = cfg.settings()  # fingerprints the corpus: once, then handed to every rank
+        fresh = open_out(cfg.out, settings, resume=cfg.resume, shared=grouped, pre_run=pre_run)
         try:
-            return run_on_ranks(_train_rank, cfg.nproc, cfg.timeout, cfg, self.parts,
-                                before=lambda: prepare_data(cfg), name="train")
+            return run_on_ranks(_train_rank, cfg.nproc, cfg.timeout, cfg, self.parts, settings,
+                                before=lambda: prepare_data(cfg, settings), name="train")
         except BaseException:
             if not grouped:
                 undo_unrecorded(cfg.out, fresh, pre_run)
