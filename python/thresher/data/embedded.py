@@ -19,7 +19,7 @@ from thresher.core.checks import check_choice, check_finite_range, check_int
 
 from .documents import Document, write_documents
 
-__all__ = ["Corpus", "embedded_corpus", "embedded_size_arg", "CORRUPTION_KINDS", "EMBEDDED_SIZES"]
+__all__ = ["Corpus", "embedded_corpus", "embedded_size", "embedded_size_arg", "CORRUPTION_KINDS", "EMBEDDED_SIZES"]
 
 # name -> (pool documents, target documents, per-unit cap multiplier)
 EMBEDDED_SIZES = {"quick": (1500, 300, 1), "default": (5000, 1000, 3)}
@@ -235,28 +235,39 @@ def corrupt(text: str, kind: str, rng: np.random.Generator) -> str:
 # ----------------------------------------------------------------------------------------
 
 
+def embedded_size(value, name: str = "size") -> str | int:
+    """The one rule for a size of the embedded corpus: a name in ``EMBEDDED_SIZES``, or a
+    number of pool documents >= 10 (an int, or its digits as a command line or a JSON config
+    gives them). Returns the name or the int; ValueError/TypeError naming ``name`` otherwise."""
+    if isinstance(value, str):
+        if value in EMBEDDED_SIZES:
+            return value
+        if not value.isdigit():
+            raise ValueError(f"{name} must be {', '.join(EMBEDDED_SIZES)} or a number of pool "
+                             f"documents >= 10, got {value!r}")
+        value = int(value)
+    return check_int(name, value, 10)
+
+
 def embedded_size_arg(text: str):
-    """argparse ``type`` of ``--embedded-size``: a size name or a document count >= 10 (an
-    error names the flag before anything runs)."""
+    """argparse ``type`` of ``--embedded-size`` (:func:`embedded_size`; an error names the flag
+    before anything runs)."""
     import argparse
 
-    if text in EMBEDDED_SIZES:
-        return text
-    if text.isdigit() and int(text) >= 10:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"expected {' or '.join(EMBEDDED_SIZES)} or a number of pool "
-                                     f"documents >= 10, got {text!r}")
+    try:
+        return embedded_size(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(EMBEDDED_SIZES)} or a number of "
+                                         f"pool documents >= 10, got {text!r}") from None
 
 
 def embedded_corpus(seed: int = 0, size: str | int = "default", *, corrupt_fraction: float = 0.5) -> Corpus:
     """Build the embedded corpus (docs/data.md §4). Deterministic from ``seed``."""
+    size = embedded_size(size)
     if isinstance(size, str):
-        if size not in EMBEDDED_SIZES:  # (a name or a number: no single core check says both)
-            raise ValueError(f"size must be one of {tuple(EMBEDDED_SIZES)} or an integer >= 10, "
-                             f"got {size!r}")
         n_pool, n_target, scale = EMBEDDED_SIZES[size]
     else:
-        n_pool = check_int("size", size, 10)
+        n_pool = size
         n_target = max(2, n_pool // 5)
         scale = -(-(n_pool + n_target) // 3000)
     check_finite_range("corrupt_fraction", corrupt_fraction, 0.0, 1.0, hi_open=True)

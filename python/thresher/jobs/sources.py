@@ -13,17 +13,14 @@ __all__ = ["source_spec", "open_source", "embedded_for", "embedded_size"]
 
 
 def embedded_size(value, flag: str = "--embedded-size"):
-    """The embedded corpus size a config names: 'quick', 'default' or a pool size >= 10 (an
-    int, or its digits as the command line gives them); otherwise a JobError naming ``flag``."""
-    from thresher.data.embedded import EMBEDDED_SIZES
+    """The embedded corpus size a config names (``thresher.data.embedded.embedded_size``'s
+    rule), or a JobError naming ``flag``."""
+    from thresher.data.embedded import embedded_size as checked
 
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if (isinstance(value, str) and value in EMBEDDED_SIZES) or (
-            isinstance(value, int) and not isinstance(value, bool) and value >= 10):
-        return value
-    raise JobError(f"{flag} must be {', '.join(EMBEDDED_SIZES)} or a number of pool documents >= 10, "
-                   f"got {value!r}")
+    try:
+        return checked(value, flag)
+    except (TypeError, ValueError) as e:
+        raise JobError(str(e)) from None
 
 
 def source_spec(path: str, *, text_field: str, split: str, hf_split, corpus_seed: int, embedded_size,
