@@ -1,6 +1,5 @@
 """GPT / ScoreModel / HF adapter: the loss equals a plain float64 F.cross_entropy, RoPE and
 causality sanity, presets' sizes, torch.func compatibility of the "torch" loss."""
-import math
 
 import numpy as np
 import pytest

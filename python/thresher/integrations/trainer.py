@@ -18,7 +18,8 @@ from transformers.utils import logging
 
 from thresher.core.constants import IGNORE_INDEX
 from thresher.optim import DistMixin
-from thresher.selection.online import ONLINE_SELECTORS, OnlineSelector, build_online_selector
+from thresher.selection.online import OnlineSelector, build_online_selector
+from thresher.selection.registry import ONLINE
 
 from .transformers import ThresherLM, apply_thresher, is_thresher_patched
 
@@ -62,7 +63,7 @@ class ThresherTrainer(Trainer):
                 raise ValueError("selector_options only apply when selector is a name")
             return selector
         if not isinstance(selector, str):
-            raise TypeError(f"selector must be one of {ONLINE_SELECTORS} or an OnlineSelector, "
+            raise TypeError(f"selector must be one of {', '.join(ONLINE.names())} or an OnlineSelector, "
                             f"got {type(selector).__name__}")
         return build_online_selector(selector, ThresherLM(self.model), val_data, **options)
 
