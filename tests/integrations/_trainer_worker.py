@@ -79,6 +79,13 @@ def main():
     torch.save({"params": traj.params, "losses": losses,
                 "wrapped": type(trainer.model_wrapped).__name__},
                os.path.join(a.out, f"traj_rank{args.process_index}.pt"))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # a gloo group left for the interpreter's exit to tear down can abort a rank there
+        # ("terminate called without an active exception", exit code -6): end it in order
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
